@@ -1,0 +1,314 @@
+"""The Stable Diffusion 1.x UNet, inflated to video.
+
+The network is the CompVis/LDM `UNetModel` with SD-1.x settings: a sinusoidal time embedding,
+ResBlocks, SpatialTransformers (self-attention, cross-attention to the text, GEGLU feed-forward)
+and skip connections from every input block to its mirror output block. It takes video latents
+[B, C, F, h, w] and runs every 2D layer frame by frame: the frames are folded into the batch at one
+place, `frames_to_batch`, and unfolded at the end. Parameter names are the official checkpoint's
+keys with `model.diffusion_model.` stripped, so that SD weights load with a strict load_state_dict.
+"""
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple = (0, 1, 2)  # levels with a SpatialTransformer (LDM: attention_resolutions 4, 2, 1)
+    num_heads: int = 8  # SD 1.x: 8 heads at every level; the head width grows with the channels
+    context_dim: int = 768
+
+    @classmethod
+    def tiny(cls):
+        return cls(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(0, 1), context_dim=128)
+
+
+def frames_to_batch(x):
+    # b c f h w -> (b f) c h w
+    b, c, f, h, w = x.shape
+    return x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+
+
+def batch_to_frames(x, frames):
+    # (b f) c h w -> b c f h w
+    bf, c, h, w = x.shape
+    return x.reshape(bf // frames, frames, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of the timesteps, cos first (SD's flip_sin_to_cos), computed in float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def normalization(channels, eps=1e-5):
+    return nn.GroupNorm(32, channels, eps=eps)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_channels, out_channels, emb_dim):
+        super().__init__()
+        # in_layers: [0] GroupNorm [1] SiLU [2] conv
+        self.in_layers = nn.Sequential(normalization(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        # emb_layers: [0] SiLU [1] linear (time embedding -> a per-channel bias)
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+        # out_layers: [0] GroupNorm [1] SiLU [2] Dropout [3] conv
+        self.out_layers = nn.Sequential(normalization(out_channels), nn.SiLU(), nn.Dropout(0.0),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x, emb):
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Attention(nn.Module):
+    """Multi-head attention of the tokens x over the tokens of `context` (x itself when None)."""
+
+    def __init__(self, dim, heads, context_dim=None):
+        super().__init__()
+        self.heads = heads
+        context_dim = context_dim or dim
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))  # to_out: [0] linear [1] Dropout
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        b, n, d = q.shape
+        # b n (heads d) -> b heads n d
+        q, k, v = (z.reshape(b, -1, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, d))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, mult=4):
+        super().__init__()
+        # net: [0] GEGLU (holds the input projection) [1] Dropout [2] linear
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention, cross-attention to the text, feed-forward; each pre-LayerNorm and residual."""
+
+    def __init__(self, dim, heads, context_dim):
+        super().__init__()
+        self.attn1 = Attention(dim, heads)
+        self.ff = FeedForward(dim)
+        self.attn2 = Attention(dim, heads, context_dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    def __init__(self, channels, heads, context_dim):
+        super().__init__()
+        self.norm = normalization(channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim)])
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x, context):
+        b, c, h, w = x.shape
+        z = self.proj_in(self.norm(x))
+        # b c h w -> b (h w) c
+        z = z.flatten(2).transpose(1, 2)
+        for block in self.transformer_blocks:
+            z = block(z, context)
+        z = z.transpose(1, 2).reshape(b, c, h, w)
+        return x + self.proj_out(z)
+
+
+def run_block(block, h, emb, context):
+    """Run one input/middle/output block (a ModuleList of ResBlock, SpatialTransformer, Down/Upsample)."""
+    for layer in block:
+        if isinstance(layer, ResBlock):
+            h = layer(h, emb)
+        elif isinstance(layer, SpatialTransformer):
+            h = layer(h, context)
+        else:
+            h = layer(h)
+    return h
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        self.gradient_checkpointing = False  # recompute each block in the backward pass (for training)
+        mc, emb_dim, levels = c.model_channels, c.model_channels * 4, len(c.channel_mult)
+
+        def heads(ch):
+            return SpatialTransformer(ch, c.num_heads, c.context_dim)
+
+        # time_embed: [0] linear [1] SiLU [2] linear
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        self.input_blocks = nn.ModuleList([nn.ModuleList([nn.Conv2d(c.in_channels, mc, 3, padding=1)])])
+        skip_channels, ch = [mc], mc
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers = [ResBlock(ch, mult * mc, emb_dim)]
+                ch = mult * mc
+                if level in c.attention_levels:
+                    layers.append(heads(ch))
+                self.input_blocks.append(nn.ModuleList(layers))
+                skip_channels.append(ch)
+            if level != levels - 1:
+                self.input_blocks.append(nn.ModuleList([Downsample(ch)]))
+                skip_channels.append(ch)
+
+        self.middle_block = nn.ModuleList([ResBlock(ch, ch, emb_dim), heads(ch), ResBlock(ch, ch, emb_dim)])
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), mult * mc, emb_dim)]
+                ch = mult * mc
+                if level in c.attention_levels:
+                    layers.append(heads(ch))
+                if level != 0 and i == c.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(nn.ModuleList(layers))
+
+        # out: [0] GroupNorm [1] SiLU [2] conv
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1))
+
+    def _block(self, block, h, emb, context):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(run_block, block, h, emb, context, use_reentrant=False)
+        return run_block(block, h, emb, context)
+
+    def forward(self, x, t, context):
+        """x [B, C, F, h, w] latents, t [B] (or a scalar) timesteps, context [B, 77, D] text states."""
+        if x.dim() != 5:
+            raise ValueError(f"UNet expects video latents [B, C, F, h, w], got shape {tuple(x.shape)}")
+        b, _, frames, height, width = x.shape
+        factor = 2 ** (len(self.config.channel_mult) - 1)
+        if height % factor or width % factor:
+            raise ValueError(f"latent size {height}x{width} must be divisible by {factor} (image size by {8 * factor})")
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
+
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
+        # every frame of a video shares its timestep and its text
+        emb = emb.repeat_interleave(frames, dim=0)
+        context = context.repeat_interleave(frames, dim=0)
+
+        h = frames_to_batch(x)
+        skips = []
+        for block in self.input_blocks:
+            h = self._block(block, h, emb, context)
+            skips.append(h)
+        h = self._block(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            h = self._block(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+        return batch_to_frames(self.out(h), frames)
+
+
+def config_from_state_dict(sd) -> UNetConfig:
+    """Infer the UNet's configuration from the shapes of its weights (keys without the checkpoint prefix)."""
+    mc = sd["input_blocks.0.0.weight"].shape[0]
+    levels = 1 + sum(1 for k in sd if re.fullmatch(r"input_blocks\.\d+\.0\.op\.weight", k))
+    num_input_blocks = len({k.split(".")[1] for k in sd if k.startswith("input_blocks.")})
+    num_res_blocks = (num_input_blocks - levels) // levels
+    channel_mult, attention_levels = [], []
+    for level in range(levels):
+        first = 1 + level * (num_res_blocks + 1)  # the level's first ResBlock
+        channel_mult.append(sd[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] // mc)
+        if f"input_blocks.{first}.1.proj_in.weight" in sd:
+            attention_levels.append(level)
+    return UNetConfig(
+        in_channels=sd["input_blocks.0.0.weight"].shape[1], out_channels=sd["out.2.weight"].shape[0],
+        model_channels=mc, channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks,
+        attention_levels=tuple(attention_levels),
+        context_dim=sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1])
+
+
+def from_diffusers(sd):
+    """Rename a diffusers `unet/` state dict to the LDM layout, by rule: blocks are numbered the
+    LDM way (one input block per ResBlock or Downsample), and ResBlock parts get their LDM names."""
+    num_res_blocks = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k)))
+    per_level = num_res_blocks + 1
+    up_with_attention = {int(m.group(1)) for k in sd if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+    resnet_parts = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                    "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+    def block(m):
+        kind, i, part, j = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
+        layer = 0 if part == "resnets" else 1
+        if kind == "down_blocks":
+            return f"input_blocks.{1 + i * per_level + j}.{layer}."
+        return f"output_blocks.{i * per_level + j}.{layer}."
+
+    out = {}
+    for key, value in sd.items():
+        k = re.sub(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions)\.(\d+)\.", block, key)
+        k = re.sub(r"^down_blocks\.(\d+)\.downsamplers\.0\.conv\.",
+                   lambda m: f"input_blocks.{(int(m.group(1)) + 1) * per_level}.0.op.", k)
+        k = re.sub(r"^up_blocks\.(\d+)\.upsamplers\.0\.",
+                   lambda m: f"output_blocks.{int(m.group(1)) * per_level + num_res_blocks}."
+                             f"{2 if int(m.group(1)) in up_with_attention else 1}.", k)
+        k = re.sub(r"^mid_block\.resnets\.(\d+)\.", lambda m: f"middle_block.{2 * int(m.group(1))}.", k)
+        k = re.sub(r"^mid_block\.attentions\.0\.", "middle_block.1.", k)
+        k = re.sub(r"^time_embedding\.linear_(\d)\.", lambda m: f"time_embed.{2 * int(m.group(1)) - 2}.", k)
+        k = re.sub(r"^conv_in\.", "input_blocks.0.0.", k)
+        k = re.sub(r"^conv_norm_out\.", "out.0.", k)
+        k = re.sub(r"^conv_out\.", "out.2.", k)
+        if re.match(r"(input_blocks|middle_block|output_blocks)\.(\d+\.)?\d+\.[a-z_0-9]+\.(weight|bias)$", k):
+            k = re.sub(r"\.(norm1|conv1|time_emb_proj|norm2|conv2|conv_shortcut)\.(weight|bias)$",
+                       lambda m: f".{resnet_parts[m.group(1)]}.{m.group(2)}", k)
+        out[k] = value
+    return out
