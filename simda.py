@@ -1,20 +1,166 @@
-"""Loading Stable Diffusion 1.x weights into the simda modules.
+"""SimDA: Simple Diffusion Adapter (Xing et al., 2023), and loading the Stable Diffusion weights it adapts.
 
-`load_pipeline(path)` reads either the official single-file checkpoint (CompVis/LDM key layout:
-`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.text_model.*`) or a
-diffusers folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`). Our parameter names are the LDM
-keys, so loading is: strip a prefix (a diffusers folder is first renamed by rule), infer the config
-from the tensor shapes, and load strictly, listing whatever does not match.
+A frozen SD-1.x text-to-image UNet becomes a text-to-video model by training small new modules only
+(the paper's Sec. 3.3):
+- SpatialAdapter: a bottleneck MLP after the self-attention (residual) and beside the feed-forward;
+- TemporalAdapter: 1x1x1 down-projection, depth-wise 3x1x1 convolution over time, 1x1x1
+  up-projection, residual; one before every SpatialTransformer;
+- latent_shift: the self-attention of each frame also attends to a patch-wise temporal shift of
+  earlier frames' tokens (latent-shift attention, LSA); it adds no parameters.
+unet.py wires them in; this file defines them, saves and loads them on their own, and loads the
+SD weights: the official single-file checkpoint or a diffusers folder (`load_pipeline`).
+
+Our parameter names are the LDM keys, so loading SD is: strip a prefix (a diffusers folder is first
+renamed by rule), infer the config from the tensor shapes, and load strictly, listing whatever does
+not match. The adapters live under their own names (`attn_adapter`, `ffn_adapter`,
+`temporal_adapter`) beside the SD ones, so SD keys load unchanged.
 """
+from __future__ import annotations
+
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
-from safetensors.torch import load_file
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+# unet.py imports this module too (for the adapters), so these imports are module-style and used
+# only inside functions.
 import clip_text
 import unet as unet_module
 import vae as vae_module
+
+# Latent shift: the token at spatial position (i, j) of frame f is taken from frame
+# f - SHIFT_TABLE[i % 4][j % 4] (the authors' code, rows i = 0..3). A frame earlier than its shift
+# keeps its own token.
+SHIFT_TABLE = ((4, 3, 2, 1), (3, 2, 1, 0), (2, 1, 0, 0), (1, 2, 3, 4))
+
+
+@dataclass
+class SimDAConfig:
+    spatial_adapters: bool = True   # attention and FFN adapters in every transformer block
+    temporal_adapters: bool = True  # a TemporalAdapter before every SpatialTransformer
+    latent_shift: bool = True       # latent-shift attention in place of per-frame self-attention
+    spatial_ratio: float = 0.25     # SpatialAdapter width d -> d/4
+    temporal_ratio: float = 0.5     # TemporalAdapter width d -> d/2
+
+
+def latent_shift(tokens, frames, height, width):
+    """Patch-level temporal shift of the tokens [(b f), h*w, c] (row-major positions): every token
+    is replaced by the same position's token SHIFT_TABLE[i % 4][j % 4] frames earlier."""
+    bf, n, c = tokens.shape
+    table = torch.tensor(SHIFT_TABLE, device=tokens.device)
+    rows, cols = torch.arange(height, device=tokens.device) % 4, torch.arange(width, device=tokens.device) % 4
+    shift = table[rows[:, None], cols[None, :]].reshape(n)
+    frame = torch.arange(frames, device=tokens.device)[:, None]
+    source = frame - shift[None]  # [f, n]: the frame each token is read from
+    source = torch.where(source >= 0, source, frame)
+    # (b f) n c -> b f n c
+    tokens = tokens.reshape(bf // frames, frames, n, c)
+    return tokens[:, source, torch.arange(n, device=tokens.device)[None]].reshape(bf, n, c)
+
+
+class SpatialAdapter(nn.Module):
+    """Linear d -> d*ratio, GELU, linear back; the up-projection starts at zero so that the adapted
+    model starts as the image model. `skip`: add the input back (the adapter after attention); the
+    FFN adapter runs beside the feed-forward and adds only its own output."""
+
+    def __init__(self, dim, ratio=0.25, skip=True):
+        super().__init__()
+        self.skip = skip
+        self.down = nn.Linear(dim, int(dim * ratio))
+        self.up = nn.Linear(int(dim * ratio), dim)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        self.down.reset_parameters()
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+        out = self.up(F.gelu(self.down(x)))
+        return x + out if self.skip else out
+
+
+class TemporalAdapter(nn.Module):
+    """On [b, c, f, h, w]: 1x1x1 conv d -> d*ratio, depth-wise 3x1x1 conv over time, 1x1x1 conv back
+    (zero-initialised), plus the input. No activation: the temporal conv stands in for it (Sec. 3.3)."""
+
+    def __init__(self, dim, ratio=0.5):
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.down = nn.Conv3d(dim, hidden, 1)
+        self.conv = nn.Conv3d(hidden, hidden, (3, 1, 1), padding=(1, 0, 0), groups=hidden)
+        self.up = nn.Conv3d(hidden, dim, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        self.down.reset_parameters()
+        self.conv.reset_parameters()
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+        return x + self.up(self.conv(self.down(x)))
+
+
+def adapter_state_dict(unet):
+    """The adapters' weights only (keys as in the UNet's state dict)."""
+    return {k: v for k, v in unet.state_dict().items() if is_adapter_key(k)}
+
+
+def is_adapter_key(key):
+    return any(f"{name}." in key for name in ("attn_adapter", "ffn_adapter", "temporal_adapter"))
+
+
+def freeze_for_training(unet):
+    """Freeze every SD weight; return the adapters' parameters, the only ones SimDA trains."""
+    trainable = []
+    for name, p in unet.named_parameters():
+        p.requires_grad_(is_adapter_key(name))
+        if p.requires_grad:
+            trainable.append(p)
+    if not trainable:
+        raise ValueError("this UNet has no adapters to train: build it with a SimDAConfig")
+    return trainable
+
+
+def save_adapters(unet, path, **metadata):
+    """Write the adapters (and the SimDA config, plus any metadata such as the prompt, frames, size
+    and base checkpoint they were tuned with) to a safetensors file, atomically."""
+    meta = {"simda_config": json.dumps(asdict(unet.simda_config)), **{k: json.dumps(v) for k, v in metadata.items()}}
+    tmp = f"{path}.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(unet).items()}, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def read_adapters(path):
+    """(weights, metadata) of an adapter file; metadata values are decoded from JSON."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"adapter file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        weights = load_file(path)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable adapter file (.safetensors): {type(e).__name__}: {e}") from None
+    if "simda_config" not in meta:
+        raise CheckpointError(f"{path} is not a SimDA adapter file: it has no 'simda_config' metadata")
+    return weights, {k: json.loads(v) for k, v in meta.items()}
+
+
+def load_adapters(unet, weights, where="adapters"):
+    """Copy adapter weights into a UNet built with the same SimDA config, after checking they fit."""
+    expected = adapter_state_dict(unet)
+    problems = key_problems(expected, weights)
+    if problems:
+        raise CheckpointError(f"{where} does not fit this UNet ({unet.config.model_channels} base channels, "
+                              f"{len(expected)} adapter tensors): " + "; ".join(problems))
+    unet.load_state_dict(weights, strict=False)  # the SD weights stay; the keys were checked above
+
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -99,36 +245,39 @@ def describe(what, keys):
     return f"{len(keys)} {what} keys: {', '.join(keys[:10])}{more}"
 
 
-def load_strict(model, sd, name):
-    """load_state_dict(strict=True), after a check that lists what does not fit."""
-    expected = model.state_dict()
+def key_problems(expected, given):
+    """What keeps the tensors `given` from loading into a model whose state dict is `expected`."""
     problems = []
-    missing = expected.keys() - sd.keys()
-    unexpected = sd.keys() - expected.keys()
-    if missing:
+    if missing := expected.keys() - given.keys():
         problems.append(describe("missing", missing))
-    if unexpected:
+    if unexpected := given.keys() - expected.keys():
         problems.append(describe("unexpected", unexpected))
-    for key in sorted(expected.keys() & sd.keys()):
-        if expected[key].shape != sd[key].shape:
-            problems.append(f"shape mismatch at {key}: expected {tuple(expected[key].shape)}, found {tuple(sd[key].shape)}")
-    if problems:
-        raise CheckpointError(f"{name} weights do not fit the model: " + "; ".join(problems[:12]))
-    model.load_state_dict(sd, strict=True)
-    return model
+    for key in sorted(expected.keys() & given.keys()):
+        if expected[key].shape != given[key].shape:
+            problems.append(f"shape mismatch at {key}: expected {tuple(expected[key].shape)}, found {tuple(given[key].shape)}")
+    return problems[:12]
 
 
-def build(module, model_class, sd, name, where, device, dtype):
+def build(module, model_class, sd, name, where, device, dtype, **options):
     """Infer the config from the shapes (module.config_from_state_dict), allocate the model on
-    `device` in `dtype` without a random init, and copy the weights in."""
+    `device` in `dtype` without a random init, and copy the weights in. SimDA's adapters, which no
+    SD checkpoint holds, get their fresh initialisation."""
     try:
         config = module.config_from_state_dict(sd)
     except (KeyError, IndexError, ValueError) as e:
         raise CheckpointError(f"{where}: cannot infer the {name} configuration from the weights "
                               f"(missing or odd key: {e})") from None
     with torch.device("meta"):
-        model = model_class(config).to(dtype)
-    return load_strict(model.to_empty(device=device), sd, f"{where}: {name}")
+        model = model_class(config, **options).to(dtype)
+    model.to_empty(device=device)
+    expected = {k: v for k, v in model.state_dict().items() if not is_adapter_key(k)}
+    if problems := key_problems(expected, sd):
+        raise CheckpointError(f"{where}: {name} weights do not fit the model: " + "; ".join(problems))
+    model.load_state_dict(sd, strict=False)  # strict about the SD keys (checked above); adapters are new
+    for m in model.modules():
+        if isinstance(m, (SpatialAdapter, TemporalAdapter)):
+            m.reset_parameters()
+    return model
 
 
 def read_diffusers_folder(folder):
@@ -145,9 +294,15 @@ def read_diffusers_folder(folder):
             clip_text.from_diffusers(parts["text_encoder"]))
 
 
-def load_pipeline(path, device="cpu", dtype=torch.float32):
-    """Load an SD-1.x checkpoint (single file or diffusers folder) as a Pipeline of eval-mode modules."""
+def load_pipeline(path, device="cpu", dtype=torch.float32, adapters=None, simda_config=None):
+    """Load an SD-1.x checkpoint (single file or diffusers folder) as a Pipeline of frozen eval-mode
+    modules. `adapters`: a SimDA adapter file, whose config and weights the UNet takes; or
+    `simda_config`: fresh adapters (for training); neither: the plain per-frame SD UNet."""
     path = os.fspath(path)
+    adapter_weights = None
+    if adapters is not None:
+        adapter_weights, meta = read_adapters(os.fspath(adapters))
+        simda_config = SimDAConfig(**meta["simda_config"])
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     vocab_dir = None
@@ -160,7 +315,9 @@ def load_pipeline(path, device="cpu", dtype=torch.float32):
     for name, sd in (("VAE", vae_sd), ("text encoder", text_sd)):
         if not sd:
             raise CheckpointError(f"{path} holds no {name} weights")
-    unet = build(unet_module, unet_module.UNet, unet_sd, "UNet", path, device, dtype)
+    unet = build(unet_module, unet_module.UNet, unet_sd, "UNet", path, device, dtype, simda_config=simda_config)
+    if adapter_weights is not None:
+        load_adapters(unet, adapter_weights, os.fspath(adapters))
     if unet.config.context_dim == 1024:
         raise CheckpointError(f"{path} has a 1024-wide text context: SD 2.x checkpoints are not supported yet (SD 1.x only)")
     text_encoder = build(clip_text, clip_text.CLIPTextEncoder, text_sd, "text encoder", path, device, dtype)

@@ -6,6 +6,10 @@ and skip connections from every input block to its mirror output block. It takes
 [B, C, F, h, w] and runs every 2D layer frame by frame: the frames are folded into the batch at one
 place, `frames_to_batch`, and unfolded at the end. Parameter names are the official checkpoint's
 keys with `model.diffusion_model.` stripped, so that SD weights load with a strict load_state_dict.
+
+Given a `simda.SimDAConfig`, the UNet also carries SimDA's modules (defined in simda.py) under
+their own names beside the SD ones: `attn_adapter` and `ffn_adapter` in every TransformerBlock,
+`temporal_adapter` at the entry of every SpatialTransformer, and latent-shift self-attention.
 """
 import math
 import re
@@ -15,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+import simda  # simda.py imports this module too: use its names only inside functions
 
 
 @dataclass
@@ -136,9 +142,10 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Self-attention, cross-attention to the text, feed-forward; each pre-LayerNorm and residual."""
+    """Self-attention, cross-attention to the text, feed-forward; each pre-LayerNorm and residual.
+    With SimDA: latent-shift self-attention, an adapter on its output and one beside the feed-forward."""
 
-    def __init__(self, dim, heads, context_dim):
+    def __init__(self, dim, heads, context_dim, simda_config=None):
         super().__init__()
         self.attn1 = Attention(dim, heads)
         self.ff = FeedForward(dim)
@@ -146,53 +153,71 @@ class TransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
+        self.latent_shift = bool(simda_config and simda_config.latent_shift)
+        if simda_config and simda_config.spatial_adapters:
+            self.attn_adapter = simda.SpatialAdapter(dim, simda_config.spatial_ratio, skip=True)
+            self.ffn_adapter = simda.SpatialAdapter(dim, simda_config.spatial_ratio, skip=False)
+        else:
+            self.attn_adapter = self.ffn_adapter = None
 
-    def forward(self, x, context):
-        x = x + self.attn1(self.norm1(x))
+    def forward(self, x, context, frames, height, width):
+        h = self.norm1(x)
+        # LSA (Sec. 3.3): keys/values are the frame's own tokens and a temporal shift of earlier frames'
+        keys = torch.cat([h, simda.latent_shift(h, frames, height, width)], dim=1) if self.latent_shift else None
+        h = self.attn1(h, keys)
+        x = x + (self.attn_adapter(h) if self.attn_adapter is not None else h)
         x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        h = self.ff(self.norm3(x))
+        return x + (h + self.ffn_adapter(x) if self.ffn_adapter is not None else h)
 
 
 class SpatialTransformer(nn.Module):
-    def __init__(self, channels, heads, context_dim):
+    def __init__(self, channels, heads, context_dim, simda_config=None):
         super().__init__()
+        if simda_config and simda_config.temporal_adapters:
+            self.temporal_adapter = simda.TemporalAdapter(channels, simda_config.temporal_ratio)
+        else:
+            self.temporal_adapter = None
         self.norm = normalization(channels, eps=1e-6)
         self.proj_in = nn.Conv2d(channels, channels, 1)
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim)])
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim, simda_config)])
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x, context):
+    def forward(self, x, context, frames):
+        if self.temporal_adapter is not None:
+            x = frames_to_batch(self.temporal_adapter(batch_to_frames(x, frames)))
         b, c, h, w = x.shape
         z = self.proj_in(self.norm(x))
         # b c h w -> b (h w) c
         z = z.flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
-            z = block(z, context)
+            z = block(z, context, frames, h, w)
         z = z.transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(z)
 
 
-def run_block(block, h, emb, context):
+def run_block(block, h, emb, context, frames):
     """Run one input/middle/output block (a ModuleList of ResBlock, SpatialTransformer, Down/Upsample)."""
     for layer in block:
         if isinstance(layer, ResBlock):
             h = layer(h, emb)
         elif isinstance(layer, SpatialTransformer):
-            h = layer(h, context)
+            h = layer(h, context, frames)
         else:
             h = layer(h)
     return h
 
 
 class UNet(nn.Module):
-    def __init__(self, config: UNetConfig):
+    def __init__(self, config: UNetConfig, simda_config=None):
         super().__init__()
         self.config = c = config
+        self.simda_config = simda_config  # None: the plain SD UNet, run frame by frame
         self.gradient_checkpointing = False  # recompute each block in the backward pass (for training)
         mc, emb_dim, levels = c.model_channels, c.model_channels * 4, len(c.channel_mult)
 
-        def heads(ch):
-            return SpatialTransformer(ch, c.num_heads, c.context_dim)
+        def transformer(ch):
+            return SpatialTransformer(ch, c.num_heads, c.context_dim, simda_config)
 
         # time_embed: [0] linear [1] SiLU [2] linear
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -204,14 +229,14 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch, mult * mc, emb_dim)]
                 ch = mult * mc
                 if level in c.attention_levels:
-                    layers.append(heads(ch))
+                    layers.append(transformer(ch))
                 self.input_blocks.append(nn.ModuleList(layers))
                 skip_channels.append(ch)
             if level != levels - 1:
                 self.input_blocks.append(nn.ModuleList([Downsample(ch)]))
                 skip_channels.append(ch)
 
-        self.middle_block = nn.ModuleList([ResBlock(ch, ch, emb_dim), heads(ch), ResBlock(ch, ch, emb_dim)])
+        self.middle_block = nn.ModuleList([ResBlock(ch, ch, emb_dim), transformer(ch), ResBlock(ch, ch, emb_dim)])
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
@@ -219,7 +244,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), mult * mc, emb_dim)]
                 ch = mult * mc
                 if level in c.attention_levels:
-                    layers.append(heads(ch))
+                    layers.append(transformer(ch))
                 if level != 0 and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(nn.ModuleList(layers))
@@ -227,10 +252,10 @@ class UNet(nn.Module):
         # out: [0] GroupNorm [1] SiLU [2] conv
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1))
 
-    def _block(self, block, h, emb, context):
+    def _block(self, block, h, emb, context, frames):
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(run_block, block, h, emb, context, use_reentrant=False)
-        return run_block(block, h, emb, context)
+            return checkpoint(run_block, block, h, emb, context, frames, use_reentrant=False)
+        return run_block(block, h, emb, context, frames)
 
     def forward(self, x, t, context):
         """x [B, C, F, h, w] latents, t [B] (or a scalar) timesteps, context [B, 77, D] text states."""
@@ -250,11 +275,11 @@ class UNet(nn.Module):
         h = frames_to_batch(x)
         skips = []
         for block in self.input_blocks:
-            h = self._block(block, h, emb, context)
+            h = self._block(block, h, emb, context, frames)
             skips.append(h)
-        h = self._block(self.middle_block, h, emb, context)
+        h = self._block(self.middle_block, h, emb, context, frames)
         for block in self.output_blocks:
-            h = self._block(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = self._block(block, torch.cat([h, skips.pop()], dim=1), emb, context, frames)
         return batch_to_frames(self.out(h), frames)
 
 

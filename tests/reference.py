@@ -48,10 +48,10 @@ def transformers_clip_config(c):
 
 
 def _build(model_class, config, sd):
-    """Construct without allocating (meta device) and take the given tensors as the weights."""
-    with torch.device("meta"):
-        model = model_class(config) if not isinstance(config, dict) else model_class(**config)
-    model.load_state_dict(sd, strict=True, assign=True)
+    """Construct (really, not on the meta device: transformers keeps non-persistent buffers such as
+    CLIP's position_ids, which a meta construction would leave empty) and load strictly."""
+    model = model_class(config) if not isinstance(config, dict) else model_class(**config)
+    model.load_state_dict(sd, strict=True)
     return model.eval()
 
 

@@ -9,8 +9,7 @@ from safetensors.torch import save_file
 from clip_text import (BOS, EOS, VOCAB_DIR, CLIPTextConfig, CLIPTextEncoder, Tokenizer, config_from_state_dict,
                        from_diffusers)
 from conftest import perturb_, rel_err
-
-LDM_PREFIX = "cond_stage_model.transformer.text_model."
+from reference import transformers_clip, transformers_clip_config
 
 PROMPTS = [
     "a photo of a cat",
@@ -75,17 +74,8 @@ def test_tokenizer_reads_a_diffusers_tokenizer_folder(tmp_path):
         Tokenizer(folder)
 
 
-def _reference_config(cfg):
-    from transformers import CLIPTextConfig as RefConfig
-    return RefConfig(vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_length, hidden_size=cfg.width,
-                     intermediate_size=4 * cfg.width, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-                     hidden_act="quick_gelu", layer_norm_eps=1e-5, bos_token_id=BOS, eos_token_id=EOS,
-                     pad_token_id=EOS, attn_implementation="eager")
-
-
 @torch.no_grad()
 def test_text_encoder_matches_transformers(tmp_path):
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
     from transformers import CLIPTextModel
 
     cfg = CLIPTextConfig.tiny()
@@ -95,18 +85,14 @@ def test_text_encoder_matches_transformers(tmp_path):
     assert out.shape == (2, 77, cfg.width)
 
     # 1) the official single-file layout, converted by diffusers' own LDM converter, strict load
-    ldm = {LDM_PREFIX + k: v for k, v in ours.state_dict().items()}
-    converted = convert_ldm_clip_checkpoint(ldm)
-    # diffusers drops `text_model.` itself for the flattened transformers-5 CLIPTextModel
-    converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
-    ref = CLIPTextModel(_reference_config(cfg)).eval()
-    ref.load_state_dict(converted, strict=True)
+    ref = transformers_clip(ours)
+    ref.set_attn_implementation("eager")  # the plain-math reference (softmax in float32)
     assert rel_err(out, ref(input_ids=ids).last_hidden_state) <= 1e-4
 
     # 2) a diffusers text_encoder file with `text_model.` keys, loaded by transformers with nothing left over
     save_file({"text_model." + k: v.contiguous() for k, v in ours.state_dict().items()},
               str(tmp_path / "model.safetensors"))
-    _reference_config(cfg).save_pretrained(tmp_path)
+    transformers_clip_config(cfg).save_pretrained(tmp_path)
     ref, info = CLIPTextModel.from_pretrained(tmp_path, output_loading_info=True, attn_implementation="eager")
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     assert rel_err(out, ref.eval()(input_ids=ids).last_hidden_state) <= 1e-4

@@ -1,10 +1,9 @@
 """The VAE matches diffusers' AutoencoderKL, loads diffusers files, and handles chunks and odd sizes."""
 import pytest
 import torch
-from diffusers import AutoencoderKL as DiffusersAutoencoderKL
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from conftest import perturb_, rel_err
+from reference import diffusers_vae
 from vae import AutoencoderKL, VAEConfig, config_from_state_dict, from_diffusers, sample
 
 
@@ -12,13 +11,7 @@ def tiny_pair(seed=0):
     """Our tiny VAE (perturbed, chunk size 2) and the diffusers VAE loaded from its converted weights."""
     torch.manual_seed(seed)
     ours = perturb_(AutoencoderKL(VAEConfig.tiny(), chunk_size=2), seed).eval()
-    ref = DiffusersAutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    ).eval()
-    official = {f"first_stage_model.{k}": v for k, v in ours.state_dict().items()}
-    ref.load_state_dict(convert_ldm_vae_checkpoint(official, ref.config), strict=True)
-    return ours, ref
+    return ours, diffusers_vae(ours)
 
 
 def images(n=3, h=32, w=32, seed=1):

@@ -1,0 +1,164 @@
+"""Speed and memory of the SimDA UNet, with diffusers as the peer where it is installed.
+
+    python bench.py                      # SD-1.5 size, 16 frames of 32x32 latents (16x256x256 video)
+    python bench.py --tiny --repeats 1   # a quick smoke run on the tiny config
+
+Each measurement runs in a fresh child process, so that its peak memory (max RSS on CPU, peak
+allocated on CUDA) is its own. Weights are random (the same seed for ours and the peer's copy);
+the speed of a forward pass does not depend on the values.
+Rows:
+  sd_forward         our SD UNet, frame by frame (no SimDA), forward
+  diffusers_forward  diffusers' UNet2DConditionModel with the same weights, forward
+  simda_forward      the SimDA video UNet (adapters + latent-shift attention), forward
+  simda_train        one adapter-only training step (forward + backward), gradient checkpointing on
+  animatediff_train  the same step for diffusers' AnimateDiff (UNetMotionModel + MotionAdapter,
+                     only the motion modules trainable), gradient checkpointing on
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the reference-model builders live with the tests
+
+import simda  # noqa: E402
+import unet as unet_module  # noqa: E402
+
+CASES = ["sd_forward", "diffusers_forward", "simda_forward", "simda_train", "animatediff_train"]
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def timed(fn, repeats, device):
+    """Seconds per call: one warm-up call, then the best of `repeats`."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def run_case(case, args):
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    config = unet_module.UNetConfig.tiny() if args.tiny else unet_module.UNetConfig()
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    h = w = args.size // 8
+    x = torch.randn(1, config.in_channels, args.frames, h, w, generator=g).to(device, dtype)
+    t = torch.tensor([500], device=device)
+    context = torch.randn(1, 77, config.context_dim, generator=g).to(device, dtype)
+    simda_config = simda.SimDAConfig() if case.startswith("simda") else None
+    model = unet_module.UNet(config, simda_config)
+
+    if case == "diffusers_forward":
+        from reference import diffusers_unet
+        model = diffusers_unet(model).to(device, dtype)
+        frames = unet_module.frames_to_batch(x)
+        step = lambda: model(frames, t, encoder_hidden_states=context.repeat_interleave(args.frames, 0))  # noqa: E731
+    elif case == "animatediff_train":
+        from diffusers import MotionAdapter, UNetMotionModel
+        from reference import diffusers_unet
+        motion_adapter = MotionAdapter(block_out_channels=[config.model_channels * m for m in config.channel_mult],
+                                       motion_layers_per_block=config.num_res_blocks, motion_norm_num_groups=32,
+                                       motion_num_attention_heads=config.num_heads, motion_max_seq_length=32)
+        model = UNetMotionModel.from_unet2d(diffusers_unet(model), motion_adapter).to(device, dtype)
+        model.freeze_unet2d_params()
+        model.enable_gradient_checkpointing()
+        model.train()
+        context_per_frame = context.repeat_interleave(args.frames, 0)  # AnimateDiff wants [B*F, 77, D]
+        step = lambda: model(x, t, encoder_hidden_states=context_per_frame).sample.float().square().mean().backward()  # noqa: E731
+    elif case == "simda_train":
+        model = model.to(device, dtype)
+        simda.freeze_for_training(model)
+        model.gradient_checkpointing = True
+        model.train()
+        step = lambda: model(x, t, context).float().square().mean().backward()  # noqa: E731
+    else:
+        model = model.to(device, dtype)
+        step = lambda: model(x, t, context)  # noqa: E731
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if case.endswith("train") else 0
+    if case.endswith("forward"):
+        model.eval()
+        with torch.inference_mode():
+            seconds = timed(step, args.repeats, device)
+    else:
+        seconds = timed(step, args.repeats, device)
+    return dict(case=case, seconds=seconds, peak_gb=peak_memory_gb(device), trainable=trainable,
+                params=sum(p.numel() for p in model.parameters()))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=16, help="video frames (default: 16)")
+    parser.add_argument("--size", type=int, default=256, help="video height and width in pixels (default: 256)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed repeats after one warm-up; the best counts (default: 2)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present, else cpu")
+    parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on cuda, float32 on cpu)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny UNet config instead of SD-1.5 (a smoke run)")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {CASES}")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
+    args = parser.parse_args()
+    args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    if args.size % 64:
+        parser.error(f"--size must be a multiple of 64 (8 for the VAE times 8 for the UNet's levels), got {args.size}")
+    if args.case:
+        print(json.dumps(run_case(args.case, args)))
+        return
+
+    try:
+        import diffusers  # noqa: F401
+        peer = True
+    except ImportError:
+        peer = False
+    cases = [c for c in args.cases.split(",") if peer or c not in ("diffusers_forward", "animatediff_train")]
+    results = {}
+    for case in cases:
+        print(f"running {case} ...", file=sys.stderr, flush=True)
+        cmd = [sys.executable, __file__, "--case", case, "--frames", str(args.frames), "--size", str(args.size),
+               "--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype] + (["--tiny"] if args.tiny else [])
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"{case} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results[case] = json.loads(out.stdout.strip().splitlines()[-1])
+
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    print(f"\nmachine: {device}; torch {torch.__version__}; {args.dtype}; {'tiny' if args.tiny else 'SD-1.5'} UNet; "
+          f"{args.frames} frames x {args.size}x{args.size}; best of {args.repeats}")
+    print(f"{'case':<20}{'seconds':>10}{'peak GB':>10}{'trainable':>14}")
+    for r in results.values():
+        print(f"{r['case']:<20}{r['seconds']:>10.2f}{r['peak_gb']:>10.2f}{r['trainable']:>14,}")
+
+    def ratio(a, b, key, target):
+        if a in results and b in results:
+            value = results[a][key] / results[b][key]
+            print(f"{a} / {b} ({key}): {value:.2f}  (target <= {target})")
+    print()
+    ratio("sd_forward", "diffusers_forward", "seconds", 1.0)
+    ratio("simda_forward", "sd_forward", "seconds", 1.3)
+    ratio("simda_train", "animatediff_train", "seconds", 0.7)
+    ratio("simda_train", "animatediff_train", "peak_gb", 0.8)
+    if "simda_train" in results:
+        print(f"simda_train peak memory: {results['simda_train']['peak_gb']:.2f} GB  (target <= 8)")
+
+
+if __name__ == "__main__":
+    main()
