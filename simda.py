@@ -201,6 +201,30 @@ class Pipeline:
     vae: vae_module.AutoencoderKL
     unet: unet_module.UNet
 
+    def __call__(self, prompts, **options):
+        """Sample videos: uint8 [B, F, H, W, 3]; the options are sample.generate's (frames, height,
+        width, steps, guidance, negative, eta, seed, latents, progress)."""
+        import sample  # sample.py imports this module: import it only when called
+        return sample.generate(self, prompts, **options)
+
+
+DEFAULT_CHECKPOINT = os.path.join("checkpoints", "v1-5-pruned-emaonly.safetensors")
+
+
+def default_checkpoint():
+    """The SD weights to use when none are named: $SIMDA_CKPT if set, else
+    checkpoints/v1-5-pruned-emaonly.safetensors (relative to the working directory)."""
+    env = os.environ.get("SIMDA_CKPT")
+    path = env or DEFAULT_CHECKPOINT
+    if os.path.exists(path):
+        return path
+    where = f"SIMDA_CKPT points to {env}, which does not exist" if env else \
+        f"SIMDA_CKPT is not set and {os.path.abspath(DEFAULT_CHECKPOINT)} does not exist"
+    raise CheckpointError(
+        f"no Stable Diffusion checkpoint found: {where}. Download the SD v1.5 single-file checkpoint "
+        f"v1-5-pruned-emaonly.safetensors (about 4 GB) from the Stable Diffusion v1.5 model page on the "
+        f"Hugging Face Hub, and put it in checkpoints/ (or set SIMDA_CKPT, or pass --ckpt, to its path).")
+
 
 def read_state_dict(path):
     """A flat {key: tensor} dict from a .safetensors file or a (weights-only) torch pickle."""

@@ -95,8 +95,9 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x, size):
+        # `size` is the skip connection's: twice ours, or one less where a side was odd on the way down
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class Attention(nn.Module):
@@ -162,7 +163,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, context, frames, height, width):
         h = self.norm1(x)
-        # LSA (Sec. 3.3): keys/values are the frame's own tokens and a temporal shift of earlier frames'
+        # LSA (Sec. 3.3): keys/values are the frame's own tokens and a temporal shift of earlier frames'.
+        # (The authors' code concatenates the shifted tokens of frames f-1 and f instead; we follow the paper.)
         keys = torch.cat([h, simda.latent_shift(h, frames, height, width)], dim=1) if self.latent_shift else None
         h = self.attn1(h, keys)
         x = x + (self.attn_adapter(h) if self.attn_adapter is not None else h)
@@ -196,13 +198,16 @@ class SpatialTransformer(nn.Module):
         return x + self.proj_out(z)
 
 
-def run_block(block, h, emb, context, frames):
-    """Run one input/middle/output block (a ModuleList of ResBlock, SpatialTransformer, Down/Upsample)."""
+def run_block(block, h, emb, context, frames, size):
+    """Run one input/middle/output block (a ModuleList of ResBlock, SpatialTransformer, Down/Upsample);
+    `size` is where an Upsample must land."""
     for layer in block:
         if isinstance(layer, ResBlock):
             h = layer(h, emb)
         elif isinstance(layer, SpatialTransformer):
             h = layer(h, context, frames)
+        elif isinstance(layer, Upsample):
+            h = layer(h, size)
         else:
             h = layer(h)
     return h
@@ -252,19 +257,16 @@ class UNet(nn.Module):
         # out: [0] GroupNorm [1] SiLU [2] conv
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1))
 
-    def _block(self, block, h, emb, context, frames):
+    def _block(self, block, h, emb, context, frames, size=None):
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(run_block, block, h, emb, context, frames, use_reentrant=False)
-        return run_block(block, h, emb, context, frames)
+            return checkpoint(run_block, block, h, emb, context, frames, size, use_reentrant=False)
+        return run_block(block, h, emb, context, frames, size)
 
     def forward(self, x, t, context):
         """x [B, C, F, h, w] latents, t [B] (or a scalar) timesteps, context [B, 77, D] text states."""
         if x.dim() != 5:
             raise ValueError(f"UNet expects video latents [B, C, F, h, w], got shape {tuple(x.shape)}")
-        b, _, frames, height, width = x.shape
-        factor = 2 ** (len(self.config.channel_mult) - 1)
-        if height % factor or width % factor:
-            raise ValueError(f"latent size {height}x{width} must be divisible by {factor} (image size by {8 * factor})")
+        b, frames = x.shape[0], x.shape[2]
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
 
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
@@ -279,7 +281,8 @@ class UNet(nn.Module):
             skips.append(h)
         h = self._block(self.middle_block, h, emb, context, frames)
         for block in self.output_blocks:
-            h = self._block(block, torch.cat([h, skips.pop()], dim=1), emb, context, frames)
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = self._block(block, h, emb, context, frames, size=skips[-1].shape[-2:] if skips else None)
         return batch_to_frames(self.out(h), frames)
 
 

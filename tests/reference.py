@@ -83,3 +83,23 @@ def save_diffusers_folder(folder, text_encoder, vae, unet):
     os.makedirs(os.path.join(folder, "tokenizer"), exist_ok=True)
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(os.path.join(ROOT, "clip_vocab", name), os.path.join(folder, "tokenizer", name))
+
+
+def write_tiny_checkpoint(path, seed=0):
+    """Write a tiny random-weight SD-1.x single-file checkpoint (official key layout) to `path` and
+    return the path: CLIP, VAE (downsamples by 2) and UNet (latent sizes divisible by 4) at their
+    tiny() configs, every parameter moved off its default init."""
+    import clip_text
+    import unet as unet_module
+    import vae as vae_module
+    from safetensors.torch import save_file
+
+    from conftest import perturb_
+
+    torch.manual_seed(seed)
+    models = (clip_text.CLIPTextEncoder(clip_text.CLIPTextConfig.tiny()),
+              vae_module.AutoencoderKL(vae_module.VAEConfig.tiny()), unet_module.UNet(unet_module.UNetConfig.tiny()))
+    for i, model in enumerate(models):
+        perturb_(model, seed + i)
+    save_file(ldm_checkpoint(*models), os.fspath(path))
+    return path

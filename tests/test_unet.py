@@ -72,10 +72,17 @@ def test_unet_gradient_checkpointing_gives_same_gradients():
     assert rel_err(grads[1], grads[0]) <= 1e-5
 
 
-def test_unet_rejects_bad_shapes():
+@torch.no_grad()
+def test_unet_odd_latent_sizes_match_diffusers():
+    """Any latent size works (any multiple of 8 in pixels): an Upsample lands on its skip's size."""
     ours = tiny_unet()
-    x, t, ctx = inputs(ours.config, h=6, w=8)
-    with pytest.raises(ValueError, match="divisible by 4"):
-        ours(x, t, ctx)
+    ref = diffusers_unet(ours)
+    x, t, ctx = inputs(ours.config, frames=1, h=9, w=6)
+    assert rel_err(ours(x, t, ctx)[:, :, 0], ref(x[:, :, 0], t, encoder_hidden_states=ctx).sample) <= 1e-4
+
+
+def test_unet_rejects_image_shaped_input():
+    ours = tiny_unet()
+    x, t, ctx = inputs(ours.config)
     with pytest.raises(ValueError, match=r"\[B, C, F, h, w\]"):
         ours(x[:, :, 0], t, ctx)

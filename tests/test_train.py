@@ -1,0 +1,188 @@
+"""train.py on a tiny random-weight SD: a run writes adapters, state and log; --resume continues a run
+exactly; two torchrun processes (gloo) equal one process with the same global batch; bad input fails
+clearly, before any model is loaded."""
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import simda
+import train
+from conftest import ROOT, rel_err
+from reference import write_tiny_checkpoint
+from test_data import captioned, write_corrupt
+
+# 4 frames of 16x16 (latents 8x8: the tiny VAE halves, the tiny UNet needs multiples of 4), global batch 2
+COMMON = ["--frames", "4", "--stride", "2", "--size", "16", "--batch-size", "2", "--lr", "1e-3", "--log-every", "1"]
+STEPS = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread, as each torchrun process gets: faster on a shared machine, and the same numerics."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    """Three captioned 10-frame videos, a corrupt one and a too-short one."""
+    root = str(tmp_path_factory.mktemp("videos"))
+    for i, name in enumerate(["a.mp4", "b.mp4", "c.gif"]):
+        captioned(root, name, f"video {i}")
+    captioned(root, "short.mp4", "too short", frames=3)
+    write_corrupt(os.path.join(root, "corrupt.mp4"))
+    with open(os.path.join(root, "corrupt.txt"), "w") as f:
+        f.write("corrupt")
+    return root
+
+
+def run(*argv):
+    train.main([str(a) for a in argv])
+
+
+def losses(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+@pytest.fixture(scope="module")
+def straight(ckpt, videos, tmp_path_factory):
+    """STEPS steps in one go, with a validation GIF at the end; (out folder, stdout, stderr)."""
+    out = str(tmp_path_factory.mktemp("straight"))
+    stdout, stderr = io.StringIO(), io.StringIO()  # module fixtures cannot use capsys
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        run("--data", videos, "--ckpt", ckpt, "--out", out, "--steps", STEPS, *COMMON,
+            "--val-prompt", "a red square", "--val-steps", 2)
+    return out, stdout.getvalue(), stderr.getvalue()
+
+
+def test_a_run_writes_adapters_state_log_and_validation_gif(straight, ckpt):
+    out, stdout, stderr = straight
+    weights, meta = simda.read_adapters(os.path.join(out, "adapters.safetensors"))
+    assert {k: meta[k] for k in ("frames", "stride", "height", "width", "checkpoint", "step")} == \
+        dict(frames=4, stride=2, height=16, width=16, checkpoint=ckpt, step=STEPS)
+    assert all(weights[k].abs().max() > 0 for k in weights if ".up." in k)  # zero-initialised, now trained
+    state = torch.load(os.path.join(out, "state.pt"), weights_only=True)
+    assert state["step"] == STEPS and state["optimizer"]["state"]
+    assert all(state["adapters"][k].equal(weights[k]) for k in weights)
+    assert len(losses(out)) == STEPS and all(0 < loss < 10 for loss in losses(out))
+    with Image.open(os.path.join(out, "samples", f"step{STEPS:06d}.gif")) as gif:
+        assert gif.n_frames == 4 and gif.size == (16, 16)
+    assert "trainable parameters of" in stdout and f"step {STEPS}/{STEPS}  loss" in stdout and "it/s  ETA" in stdout
+    assert "2 of 5 videos skipped" in stdout
+    assert stderr.count("corrupt.mp4: cannot decode") == 1 and stderr.count("short.mp4: too short") == 1
+
+
+def test_resume_continues_the_run_exactly(straight, ckpt, videos, tmp_path):
+    out = str(tmp_path)
+    run("--data", videos, "--ckpt", ckpt, "--out", out, "--steps", STEPS // 2, *COMMON)
+    with open(os.path.join(out, "log.jsonl"), "a") as f:  # a run may log steps after its last save
+        f.write(json.dumps({"step": STEPS // 2 + 1, "loss": 123.0}) + "\n")
+    run("--data", videos, "--ckpt", ckpt, "--out", out, "--steps", STEPS, "--resume", *COMMON)
+    assert losses(out) == losses(straight[0])
+    resumed = simda.read_adapters(os.path.join(out, "adapters.safetensors"))[0]
+    whole = simda.read_adapters(os.path.join(straight[0], "adapters.safetensors"))[0]
+    assert all(resumed[k].equal(whole[k]) for k in whole)
+
+
+def test_one_shot_tuning_on_one_clip_with_cached_latents(ckpt, videos, tmp_path, capsys):
+    clip = os.path.join(videos, "a.mp4")
+    run("--video", clip, "--prompt", "a red square", "--ckpt", ckpt, "--out", tmp_path, "--steps", 3,
+        "--cache-latents", *COMMON[:-4])
+    weights, meta = simda.read_adapters(str(tmp_path / "adapters.safetensors"))
+    assert meta["prompt"] == "a red square" and meta["video"] == clip and meta["step"] == 3
+    assert len(losses(str(tmp_path))) == 3
+    assert "0 of 1 videos skipped" in capsys.readouterr().out
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ckpt, videos, tmp_path, monkeypatch, capsys):
+    mse, calls = torch.nn.functional.mse_loss, []
+
+    def nan_at_third_step(*args, **kwargs):
+        calls.append(1)
+        return mse(*args, **kwargs) * (float("nan") if len(calls) == 3 else 1.0)
+    monkeypatch.setattr(train.F, "mse_loss", nan_at_third_step)
+    with pytest.raises(SystemExit) as e:
+        run("--data", videos, "--ckpt", ckpt, "--out", tmp_path, "--steps", 5, "--save-every", 2, *COMMON)
+    assert e.value.code == 1
+    assert "the loss is nan at step 3: stopping; the last good checkpoint is" in capsys.readouterr().err
+    assert simda.read_adapters(str(tmp_path / "adapters.safetensors"))[1]["step"] == 2
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["step"] == 2
+
+
+def test_two_torchrun_processes_equal_one_process(straight, ckpt, videos, tmp_path):
+    out, ranks = str(tmp_path / "out"), str(tmp_path / "ranks")
+    env = {**os.environ, "SIMDA_RANK_ADAPTERS": ranks}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "train.py", "--data", videos, "--ckpt", ckpt, "--out", out, "--steps", str(STEPS), *COMMON],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "global batch 2 on 2 process(es)" in result.stdout
+    rank0 = simda.read_adapters(os.path.join(ranks, "rank0.safetensors"))[0]
+    rank1 = simda.read_adapters(os.path.join(ranks, "rank1.safetensors"))[0]
+    saved = simda.read_adapters(os.path.join(out, "adapters.safetensors"))[0]
+    assert all(rank0[k].equal(rank1[k]) and rank0[k].equal(saved[k]) for k in rank0)
+
+    single = simda.read_adapters(os.path.join(straight[0], "adapters.safetensors"))[0]
+    assert losses(out) == pytest.approx(losses(straight[0]), rel=1e-5)
+    # At this tiny width the last output block has one channel per GroupNorm group, so these two
+    # biases add a per-channel constant that the UNet's final GroupNorm removes: their gradient is
+    # zero up to float noise, which Adam scales to steps of up to lr. They do not change the model.
+    inert = ("output_blocks.5.1.temporal_adapter.up.bias", "output_blocks.5.1.transformer_blocks.0.ffn_adapter.up.bias")
+    for k in single:
+        tolerance = 2 * 1e-3 * STEPS if k in inert else 2e-5
+        assert (single[k] - saved[k]).abs().max() <= tolerance, k
+    # ... and the two UNets compute the same function
+    pipe = simda.load_pipeline(ckpt, simda_config=simda.SimDAConfig())
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(1, 4, 4, 8, 8, generator=g), torch.randn(1, 77, 128, generator=g)
+    outputs = []
+    for weights in (single, saved):
+        simda.load_adapters(pipe.unet, weights)
+        with torch.no_grad():
+            outputs.append(pipe.unet(x, torch.tensor([500]), context))
+    assert rel_err(outputs[1], outputs[0]) < 1e-5
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"--size": "100"}, "--size must be a positive multiple of 8, got 100"),
+    ({"--width": "24", "--height": "12"}, "--height must be a positive multiple of 8, got 12"),
+    ({"--frames": "0"}, "--frames must be at least 1, got 0"),
+    ({"--ckpt": "missing.safetensors"}, "checkpoint not found: missing.safetensors"),
+    ({"--ckpt": None}, "no Stable Diffusion checkpoint found"),  # nothing in $SIMDA_CKPT or checkpoints/
+    ({"--data": "EMPTY"}, "no usable videos in EMPTY"),
+    ({"--data": "BAD"}, "none of the 2 videos could be used"),
+    ({"--data": None, "--video": "clip.mp4"}, "--video needs --prompt"),
+    ({"--resume": ""}, "--resume: no saved run in"),
+])
+def test_bad_input_is_a_clear_error_before_any_model_loads(changes, message, ckpt, videos, tmp_path, monkeypatch,
+                                                           capsys):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(simda, "load_pipeline", no_loading)
+    monkeypatch.delenv("SIMDA_CKPT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "EMPTY").mkdir()
+    captioned(str(tmp_path / "BAD"), "short.mp4", "too short", frames=2)
+    write_corrupt(str(tmp_path / "BAD" / "corrupt.mp4"))
+    (tmp_path / "BAD" / "corrupt.txt").write_text("corrupt")
+    options = {"--data": videos, "--ckpt": ckpt, "--out": "out", "--steps": "2", **changes}
+    argv = [a for flag, value in options.items() if value is not None for a in (flag, value) if a != ""]
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    assert f"error: {message}" in capsys.readouterr().err
