@@ -54,8 +54,8 @@ def pick_dtype(name, device):
 
 
 def size_factor(pipe):
-    """Pixel sizes must be multiples of this: the VAE's downsampling times the UNet's (SD 1.5: 8 * 8)."""
-    return pipe.vae.config.downsample_factor * 2 ** (len(pipe.unet.config.channel_mult) - 1)
+    """Pixel sizes must be multiples of the VAE's downsampling (SD: 8); the UNet takes any latent size."""
+    return pipe.vae.config.downsample_factor
 
 
 def check_size(pipe, frames, height, width):
@@ -64,8 +64,7 @@ def check_size(pipe, frames, height, width):
     factor = size_factor(pipe)
     if height < 1 or width < 1 or height % factor or width % factor:
         raise ValueError(f"video size {width}x{height} (width x height) does not fit this model: both must be "
-                         f"positive multiples of {factor} (the VAE downsamples by {pipe.vae.config.downsample_factor}"
-                         f" and the UNet by {factor // pipe.vae.config.downsample_factor}), e.g. {factor * 4}")
+                         f"positive multiples of {factor}, the VAE's downsampling factor")
 
 
 class Progress:
@@ -249,8 +248,8 @@ def resolve_shape(args, meta):
     width = pick(args.size, args.width, meta.get("width"), DEFAULT_SIZE)
     if frames < 1:
         raise ValueError(f"--frames must be at least 1, got {frames}")
-    if height < 1 or width < 1:
-        raise ValueError(f"the video size must be positive, got {width}x{height}")
+    if height < 8 or width < 8 or height % 8 or width % 8:
+        raise ValueError(f"video size {width}x{height} (width x height): both must be positive multiples of 8")
     return frames, height, width
 
 

@@ -1,0 +1,261 @@
+"""The moving-shapes world: a synthetic captioned video data set, and a tracker that scores videos.
+
+A video shows ONE shape (circle, square, triangle) of one pure colour on a plain mid-grey
+background, moving left, right, up or down at a steady speed, captioned "a red circle moving left".
+Everything is drawn from the seed: start position, speed (pixels per frame) and size, always such
+that the whole shape stays inside the frame for the whole clip. Edges are anti-aliased (each
+pixel's colour is the shape's coverage of a 4x4 grid of sub-pixel samples), so sub-pixel speeds
+move the centroid smoothly. `sample(i)` goes through all 48 combinations in each block of 48;
+`sample_frame(i)` is a single frame with its video's caption, for the image-model stage;
+`write_webvid` writes a WebVid-style folder (CSV + mp4) for data.find_videos.
+
+The tracker (numpy only) gives each pixel far from the background its nearest palette colour,
+groups same-colour pixels into 4-connected components, drops components smaller than 1/256 of the
+frame, and names a component's shape by the ideal circle, square or triangle of the same area and
+centroid that overlaps it best. `score` compares what it finds with a caption; `summarise` averages.
+Image coordinates: x grows to the right, y grows downwards, so "up" means y decreases.
+"""
+import csv
+import os
+import re
+
+import numpy as np
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy) per frame
+BACKGROUND = (128, 128, 128)  # mid-grey: 0 in the model's [-1, 1] scale, equally far from every colour
+COMBINATIONS = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]  # 4 x 3 x 4 = 48
+SUPERSAMPLE = 4  # anti-aliasing: sub-pixel samples per pixel side
+
+
+def caption(colour, shape, direction):
+    """('red', 'circle', 'left') -> 'a red circle moving left'."""
+    parse_caption(f"a {colour} {shape} moving {direction}")  # raises outside the world
+    return f"a {colour} {shape} moving {direction}"
+
+
+def parse_caption(text):
+    """'a red circle moving left' -> ('red', 'circle', 'left'); case and extra spaces do not matter."""
+    m = re.fullmatch(r"an? (\w+) (\w+) moving (\w+)", " ".join(str(text).lower().split()))
+    if not m or m[1] not in COLOURS or m[2] not in SHAPES or m[3] not in DIRECTIONS:
+        raise ValueError(f"caption {text!r} is outside the shapes world: expected 'a COLOUR SHAPE moving "
+                         f"DIRECTION' with COLOUR in {list(COLOURS)}, SHAPE in {list(SHAPES)}, "
+                         f"DIRECTION in {list(DIRECTIONS)}")
+    return m[1], m[2], m[3]
+
+
+def coverage(shape, cx, cy, r, width, height):
+    """Fraction [height, width] of each pixel covered by the shape of half-width r centred at (cx, cy);
+    pixel (x, y) spans [x, x + 1) x [y, y + 1)."""
+    dx = (np.arange(width * SUPERSAMPLE) + 0.5)[None, :] / SUPERSAMPLE - cx  # sub-pixel sample positions
+    dy = (np.arange(height * SUPERSAMPLE) + 0.5)[:, None] / SUPERSAMPLE - cy
+    if shape == "circle":
+        inside = dx ** 2 + dy ** 2 <= r ** 2
+    elif shape == "square":
+        inside = (np.abs(dx) <= r) & (np.abs(dy) <= r)
+    else:  # triangle pointing up, apex (cx, cy - r), base from cx - r to cx + r at cy + r
+        inside = (np.abs(dy) <= r) & (np.abs(dx) <= (dy + r) / 2)
+    return inside.reshape(height, SUPERSAMPLE, width, SUPERSAMPLE).mean(axis=(1, 3))
+
+
+def make_video(colour, shape, direction, frames=8, size=64, seed=0):
+    """uint8 [frames, size, size, 3]: the shape moving `direction` at a steady speed."""
+    parse_caption(f"a {colour} {shape} moving {direction}")  # raises outside the world
+    if frames < 1 or size < 8:
+        raise ValueError(f"need frames >= 1 and size >= 8, got frames={frames}, size={size}")
+    rng = np.random.default_rng(seed)
+    r = rng.uniform(0.11, 0.16) * size  # half-width: 7 to 10 pixels at size 64
+    lo, hi = r + 1, size - r - 1  # the centre's range that keeps the shape (and a 1-pixel margin) inside
+    speed = min(rng.uniform(1.0, 2.5) * size / 64, (hi - lo) / max(frames - 1, 1))  # pixels per frame
+    travel = speed * (frames - 1)
+    (ux, uy), start = DIRECTIONS[direction], rng.uniform(lo, hi, size=2)
+    along = 0 if ux else 1  # along the motion axis, start where the whole travel fits
+    start[along] = lo + rng.random() * max(hi - lo - travel, 0) + (travel if ux + uy < 0 else 0)
+    background, ink = np.array(BACKGROUND, np.float64), np.array(COLOURS[colour], np.float64)
+    video = np.empty((frames, size, size, 3), np.uint8)
+    for t in range(frames):
+        cover = coverage(shape, start[0] + ux * speed * t, start[1] + uy * speed * t, r, size, size)
+        video[t] = np.round(background + cover[..., None] * (ink - background))
+    return video
+
+
+def sample(index, seed=0, frames=8, size=64):
+    """(video, caption) number `index`. Indices 0-47 show every combination once, in an order drawn
+    from the seed, and so do 48-95 and each later block of 48; so even a few samples vary."""
+    block, position = divmod(index, len(COMBINATIONS))
+    order = np.random.default_rng([seed, block]).permutation(len(COMBINATIONS))
+    colour, shape, direction = COMBINATIONS[order[position]]
+    video_seed = np.random.SeedSequence([seed, index]).generate_state(1)[0]
+    return make_video(colour, shape, direction, frames, size, video_seed), caption(colour, shape, direction)
+
+
+def sample_frame(index, seed=0, size=64):
+    """(frame uint8 [size, size, 3], caption): a one-frame video, so the shape may be anywhere in the
+    frame; it keeps its video's caption, motion words included, so the text encoder learns them."""
+    video, text = sample(index, seed, frames=1, size=size)
+    return video[0], text
+
+
+def write_webvid(folder, count, seed=0, frames=8, size=64, fps=8):
+    """Write videos 0..count-1 as `folder`/videos/{page_dir}/{videoid}.mp4 with a WebVid-10M-style
+    CSV `folder`/shapes.csv; returns the CSV's path. H.264 (yuv420p) is lossy: expect levels a few
+    units off, more at the shapes' edges where the colour is subsampled."""
+    import imageio.v3 as iio  # only needed here
+
+    if size % 2:
+        raise ValueError(f"mp4 (yuv420p) needs an even frame size, got size={size}")
+    path = os.path.join(folder, "shapes.csv")
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["videoid", "contentUrl", "duration", "page_dir", "name"])
+        for i in range(count):
+            video, text = sample(i, seed, frames, size)
+            videoid, page_dir = str(i), f"{i // 1000:03d}"
+            relative = f"videos/{page_dir}/{videoid}.mp4"
+            os.makedirs(os.path.join(folder, "videos", page_dir), exist_ok=True)
+            iio.imwrite(os.path.join(folder, relative), video, plugin="FFMPEG", fps=fps, codec="libx264",
+                        quality=8, macro_block_size=1)  # quality 8: x264 crf 10
+            seconds = int(np.ceil(frames / fps))
+            writer.writerow([videoid, relative, f"PT00H{seconds // 60:02d}M{seconds % 60:02d}S", page_dir, text])
+    return path
+
+
+# ---- the tracker ------------------------------------------------------------------------------
+
+PALETTE = np.array([BACKGROUND] + list(COLOURS.values()), np.float32)  # 0 = background
+NEAR_BACKGROUND = 64  # closer than this to the background: background (every colour is ~220 away)
+MAX_DISTANCE = 128  # further than this from its nearest colour: no colour (noise, other hues)
+
+
+def label_pixels(video):
+    """[F, H, W] int: 0 background/unknown, k >= 1 the k-th colour of COLOURS. A pixel far from the
+    background takes its nearest colour: mp4's 2x2 chroma subsampling leaves edge pixels between
+    the shape's colour and the background, and they stay with the shape."""
+    pixels = video.astype(np.float32)
+    squared = (pixels ** 2).sum(-1, keepdims=True) - 2 * pixels @ PALETTE.T + (PALETTE ** 2).sum(-1)  # [F, H, W, 5]
+    labels = squared[..., 1:].argmin(-1) + 1
+    labels[(squared[..., 0] < NEAR_BACKGROUND ** 2) | (squared[..., 1:].min(-1) > MAX_DISTANCE ** 2)] = 0
+    return labels
+
+
+def components(labels):
+    """4-connected components of equal non-zero labels in [F, H, W], as [F, H, W] ids (0 for
+    unlabelled pixels). Each pixel starts with its own id and repeatedly takes the smallest id across
+    its same-label neighbours, then the id its id's pixel holds (pointer jumping), until stable."""
+    index = np.arange(1, labels.size + 1).reshape(labels.shape)  # pixel ids, 0 is "no pixel"
+    right = (labels[:, :, 1:] == labels[:, :, :-1]) & (labels[:, :, 1:] > 0)  # same label as the left pixel
+    down = (labels[:, 1:] == labels[:, :-1]) & (labels[:, 1:] > 0)  # same label as the pixel above
+    a = np.concatenate([index[:, :, 1:][right], index[:, 1:][down]])
+    b = np.concatenate([index[:, :, :-1][right], index[:, :-1][down]])
+    ids = np.concatenate([[0], np.where(labels.ravel() > 0, index.ravel(), 0)])
+    while True:
+        old = ids.copy()
+        smallest = np.minimum(ids[a], ids[b])
+        np.minimum.at(ids, a, smallest)
+        np.minimum.at(ids, b, smallest)
+        ids = ids[ids]
+        if np.array_equal(ids, old):
+            return ids[1:].reshape(labels.shape)
+
+
+def shape_of(x, y):
+    """The shape whose ideal drawing best overlaps (intersection over union) the component with pixels
+    (x, y), each drawn with the component's area and centroid: robust down to a few pixels across,
+    where pixelation blurs the simpler bounding-box fill ratio (square 1, circle pi/4, triangle 1/2)."""
+    x0, y0 = x.min() - 2, y.min() - 2
+    mask = np.zeros((y.max() - y0 + 3, x.max() - x0 + 3))
+    mask[y - y0, x - x0] = 1
+    area, cx, cy = len(x), x.mean() - x0 + 0.5, y.mean() - y0 + 0.5
+    best = {}
+    for shape, r in (("circle", np.sqrt(area / np.pi)), ("square", np.sqrt(area) / 2), ("triangle", np.sqrt(area / 2))):
+        # a triangle's centroid lies r/3 below its bounding-box centre
+        ideal = coverage(shape, cx, cy - (r / 3 if shape == "triangle" else 0), r, *mask.shape[::-1])
+        best[shape] = np.minimum(mask, ideal).sum() / np.maximum(mask, ideal).sum()
+    return max(best, key=best.get)
+
+
+def track(video, min_area=None):
+    """Per frame, a list of the objects found (largest first), each a dict: colour, area (pixels),
+    centroid (x, y), bbox (x0, y0, x1, y1; inclusive), fill (area / bbox area) and shape."""
+    video = np.asarray(video)
+    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"track needs a uint8 video [F, H, W, 3], got {video.dtype} {list(video.shape)}")
+    frames, height, width = video.shape[:3]
+    # 16 pixels at 64x64: a drawn shape has ~100 or more, specks of noise or compression artefacts fewer
+    min_area = max(4, height * width // 256) if min_area is None else min_area
+    labels = label_pixels(video)
+    ids = components(labels)
+    areas = np.bincount(ids.ravel())
+    areas[0] = 0  # id 0: the unlabelled pixels
+    names, found = list(COLOURS), [[] for _ in range(frames)]
+    for i in np.flatnonzero(areas >= min_area):
+        t, y, x = np.nonzero(ids == i)
+        x0, x1, y0, y1 = x.min(), x.max(), y.min(), y.max()
+        fill = len(x) / ((x1 - x0 + 1) * (y1 - y0 + 1))
+        found[t[0]].append({"colour": names[labels[t[0], y[0], x[0]] - 1], "area": int(len(x)),
+                            "centroid": (float(x.mean()), float(y.mean())),
+                            "bbox": (int(x0), int(y0), int(x1), int(y1)), "fill": float(fill),
+                            "shape": shape_of(x, y)})
+    return [sorted(objects, key=lambda o: -o["area"]) for objects in found]
+
+
+def direction_of(displacement, min_motion):
+    """The caption word for a centroid displacement (dx, dy), or 'none' if it moved < min_motion."""
+    dx, dy = displacement
+    if np.hypot(dx, dy) < min_motion:
+        return "none"
+    if abs(dx) >= abs(dy):
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
+
+
+def score(video, text, eps=0.5):
+    """How well `video` (uint8 [F, H, W, 3]) shows `text`. The object is, in each frame, the largest
+    component of the prompted colour (frames without one are skipped; without two such frames the
+    motion counts as wrong). Keys:
+      motion_correct   1 if the object's centroid moved from its first to its last frame in the
+                       prompted direction (dominant axis and sign), by at least size/32 pixels
+      colour_correct   1 if the largest object in the first frame has the prompted colour
+      shape_correct    1 if the largest object in the first frame has the prompted shape
+      present_fraction fraction of frames with exactly one object of the prompted colour
+      area_variation   std / mean of the object's area over the frames it is in
+      smoothness       mean |step - mean step| / (|mean step| + eps) over the per-frame centroid steps
+                       (vectors, in pixels; eps = 0.5 px): 0 = perfectly steady motion, 1 = jitter
+                       as large as the motion itself
+    plus direction/colour/shape: what was found (strings)."""
+    colour, shape, direction = parse_caption(text)
+    video = np.asarray(video)
+    objects = track(video)
+    first = objects[0][0] if objects[0] else {"colour": "none", "shape": "none"}
+    mine = [[o for o in frame if o["colour"] == colour] for frame in objects]
+    times = [t for t, frame in enumerate(mine) if frame]
+    centroids = np.array([mine[t][0]["centroid"] for t in times]).reshape(-1, 2)
+    areas = np.array([mine[t][0]["area"] for t in times], np.float64)
+    found = "none"
+    smoothness = area_variation = float("nan")
+    if len(times) >= 2:
+        found = direction_of(centroids[-1] - centroids[0], max(video.shape[1:3]) / 32)
+        steps = np.diff(centroids, axis=0) / np.diff(times)[:, None]  # per frame, across skipped frames
+        mean = steps.mean(0)
+        smoothness = float(np.linalg.norm(steps - mean, axis=1).mean() / (np.linalg.norm(mean) + eps))
+    if len(times):
+        area_variation = float(areas.std() / areas.mean())
+    return {"motion_correct": float(found == direction), "colour_correct": float(first["colour"] == colour),
+            "shape_correct": float(first["shape"] == shape),
+            "present_fraction": float(np.mean([len(frame) == 1 for frame in mine])),
+            "area_variation": area_variation, "smoothness": smoothness,
+            "direction": found, "colour": first["colour"], "shape": first["shape"]}
+
+
+def summarise(scores):
+    """Means of the numeric entries over a list of score dicts (NaNs, e.g. no object found, skipped)."""
+    if not scores:
+        raise ValueError("summarise needs at least one score dict, got none")
+    keys = [k for k, v in scores[0].items() if isinstance(v, float)]
+    means = {}
+    for k in keys:
+        values = np.array([s[k] for s in scores], np.float64)
+        means[k] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+    return {**means, "videos": len(scores)}
