@@ -74,7 +74,8 @@ def add_noise(x0, noise, t):
 def sample(x_T, eps_fn, num_inference_steps, eta=0.0, generator=None):
     """Run the DDIM sampler from noise x_T to x0. eps_fn(x, t) returns the predicted noise; t is an int.
 
-    With eta > 0 the step noise is drawn with torch.randn from `generator` (None: the global RNG).
+    With eta > 0 the step noise is drawn on the CPU with torch.randn from `generator` (None: the global
+    RNG) and then moved to x's device, so that a seed means the same noise on every device.
     """
     ts = timesteps(num_inference_steps).tolist()
     x = x_T
@@ -82,7 +83,7 @@ def sample(x_T, eps_fn, num_inference_steps, eta=0.0, generator=None):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         noise = None
         if eta > 0:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)  # a CPU generator
         x = step(x, eps_fn(x, t), t, t_prev, eta=eta, noise=noise)
     return x
 

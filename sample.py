@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 import ddim
 import simda
+from unet import batch_to_frames, frames_to_batch
 from vae import LATENT_SCALE
 
 DEFAULT_FRAMES, DEFAULT_SIZE = 16, 256
@@ -112,29 +113,30 @@ def eps_model(pipe, context, guidance):
 
 @torch.no_grad()
 def denoise(pipe, x, context, steps=50, guidance=7.5, eta=0.0, generator=None, progress=True):
-    """DDIM from x (scaled latents [B, 4, F, h, w] at the first timestep) to clean latents (float32).
-    With eta > 0 the step noise is drawn on the CPU from `generator`, then moved."""
-    eps = eps_model(pipe, context, guidance)
-    ts = ddim.timesteps(steps).tolist()
-    bar = Progress("sampling", len(ts), progress)
-    x = x.float()
-    for i, t in enumerate(ts):
-        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        noise = torch.randn(x.shape, generator=generator).to(x.device) if eta > 0 else None
-        x = ddim.step(x, eps(x, t), t, t_prev, eta=eta, noise=noise)
+    """DDIM (ddim.sample) from x (scaled latents [B, 4, F, h, w] at the first timestep) to clean
+    latents (float32), with a progress line. With eta > 0 the step noise comes from `generator`."""
+    return ddim.sample(x.float(), with_progress(eps_model(pipe, context, guidance), "sampling", steps, progress),
+                       steps, eta=eta, generator=generator)
+
+
+def with_progress(eps, what, steps, enabled):
+    """`eps` that also ticks a progress line: one model call per DDIM step."""
+    bar = Progress(what, steps, enabled)
+
+    def eps_with_progress(x, t):
+        out = eps(x, t)
         bar.tick()
-    return x
+        return out
+    return eps_with_progress
 
 
 @torch.no_grad()
 def decode(pipe, latents):
     """Scaled latents [B, 4, F, h, w] -> uint8 frames [B, F, H, W, 3] on the CPU (VAE chunked over frames)."""
     _, dtype = model_params(pipe)
-    b, c, f, h, w = latents.shape
-    z = (latents / LATENT_SCALE).permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)  # b c f h w -> (b f) c h w
-    images = pipe.vae.decode(z.to(dtype)).float()
+    images = pipe.vae.decode(frames_to_batch(latents / LATENT_SCALE).to(dtype)).float()
     images = ((images + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).cpu()
-    return images.reshape(b, f, *images.shape[1:]).permute(0, 1, 3, 4, 2)  # (b f) 3 H W -> b f H W 3
+    return batch_to_frames(images, latents.shape[2]).permute(0, 2, 3, 4, 1)  # b 3 f H W -> b f H W 3
 
 
 def generate(pipe, prompts, frames=16, height=256, width=256, steps=50, guidance=7.5, negative="", eta=0.0,
@@ -168,7 +170,7 @@ def encode_video(pipe, video):
     """A clip [F, 3, H, W] in [-1, 1] -> scaled latents [1, 4, F, h, w] (the posterior mean)."""
     device, dtype = model_params(pipe)
     mean, _ = pipe.vae.encode(video.to(device, dtype))
-    return (mean.float() * LATENT_SCALE).permute(1, 0, 2, 3).unsqueeze(0).contiguous()  # f c h w -> 1 c f h w
+    return batch_to_frames(mean.float() * LATENT_SCALE, video.shape[0]).contiguous()
 
 
 @torch.no_grad()
@@ -176,13 +178,7 @@ def invert(pipe, latents, prompt, steps=50, progress=True):
     """DDIM inversion of clean scaled latents [1, 4, F, h, w] under `prompt`, without guidance, to the
     noisy latents that `denoise` with the same prompt, steps, guidance 1 and eta 0 maps back to them."""
     eps = eps_model(pipe, text_context(pipe, [prompt]), guidance=1)
-    bar = Progress("inverting", steps, progress)
-
-    def eps_with_progress(x, t):
-        out = eps(x, t)
-        bar.tick()
-        return out
-    return ddim.invert(latents.float(), eps_with_progress, steps)
+    return ddim.invert(latents.float(), with_progress(eps, "inverting", steps, progress), steps)
 
 
 def save_video(frames, path, fps=8):

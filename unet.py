@@ -112,9 +112,12 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))  # to_out: [0] linear [1] Dropout
 
-    def forward(self, x, context=None):
+    def forward(self, x, context=None, more_keys=None):
+        """`more_keys`: a function of the projected keys (and values) whose tokens are attended to as well."""
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        if more_keys is not None:
+            k, v = torch.cat([k, more_keys(k)], dim=1), torch.cat([v, more_keys(v)], dim=1)
         b, n, d = q.shape
         # b n (heads d) -> b heads n d
         q, k, v = (z.reshape(b, -1, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
@@ -162,11 +165,11 @@ class TransformerBlock(nn.Module):
             self.attn_adapter = self.ffn_adapter = None
 
     def forward(self, x, context, frames, height, width):
-        h = self.norm1(x)
-        # LSA (Sec. 3.3): keys/values are the frame's own tokens and a temporal shift of earlier frames'.
-        # (The authors' code concatenates the shifted tokens of frames f-1 and f instead; we follow the paper.)
-        keys = torch.cat([h, simda.latent_shift(h, frames, height, width)], dim=1) if self.latent_shift else None
-        h = self.attn1(h, keys)
+        # LSA (Sec. 3.3): keys/values are the frame's own tokens and a temporal shift of earlier frames'
+        # (the shift moves whole tokens, so it is applied after the k/v projections, which is cheaper).
+        # The authors' code concatenates the shifted tokens of frames f-1 and f instead; we follow the paper.
+        shift = (lambda z: simda.latent_shift(z, frames, height, width)) if self.latent_shift else None
+        h = self.attn1(self.norm1(x), more_keys=shift)
         x = x + (self.attn_adapter(h) if self.attn_adapter is not None else h)
         x = x + self.attn2(self.norm2(x), context)
         h = self.ff(self.norm3(x))
@@ -198,12 +201,16 @@ class SpatialTransformer(nn.Module):
         return x + self.proj_out(z)
 
 
-def run_block(block, h, emb, context, frames, size):
+def run_block(block, h, emb, context, frames, size, checkpointing=False):
     """Run one input/middle/output block (a ModuleList of ResBlock, SpatialTransformer, Down/Upsample);
-    `size` is where an Upsample must land."""
+    `size` is where an Upsample must land. `checkpointing`: recompute the SpatialTransformer in the
+    backward pass instead of keeping its activations (attention, the 8x-wide GEGLU: most of the
+    memory), while the ResBlocks (the convolutions: most of the compute) keep theirs."""
     for layer in block:
         if isinstance(layer, ResBlock):
             h = layer(h, emb)
+        elif isinstance(layer, SpatialTransformer) and checkpointing:
+            h = checkpoint(layer, h, context, frames, use_reentrant=False)
         elif isinstance(layer, SpatialTransformer):
             h = layer(h, context, frames)
         elif isinstance(layer, Upsample):
@@ -218,7 +225,7 @@ class UNet(nn.Module):
         super().__init__()
         self.config = c = config
         self.simda_config = simda_config  # None: the plain SD UNet, run frame by frame
-        self.gradient_checkpointing = False  # recompute each block in the backward pass (for training)
+        self.gradient_checkpointing = False  # for training: see run_block
         mc, emb_dim, levels = c.model_channels, c.model_channels * 4, len(c.channel_mult)
 
         def transformer(ch):
@@ -257,11 +264,6 @@ class UNet(nn.Module):
         # out: [0] GroupNorm [1] SiLU [2] conv
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1))
 
-    def _block(self, block, h, emb, context, frames, size=None):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(run_block, block, h, emb, context, frames, size, use_reentrant=False)
-        return run_block(block, h, emb, context, frames, size)
-
     def forward(self, x, t, context):
         """x [B, C, F, h, w] latents, t [B] (or a scalar) timesteps, context [B, 77, D] text states."""
         if x.dim() != 5:
@@ -274,15 +276,16 @@ class UNet(nn.Module):
         emb = emb.repeat_interleave(frames, dim=0)
         context = context.repeat_interleave(frames, dim=0)
 
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         h = frames_to_batch(x)
         skips = []
         for block in self.input_blocks:
-            h = self._block(block, h, emb, context, frames)
+            h = run_block(block, h, emb, context, frames, None, checkpointing)
             skips.append(h)
-        h = self._block(self.middle_block, h, emb, context, frames)
+        h = run_block(self.middle_block, h, emb, context, frames, None, checkpointing)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
-            h = self._block(block, h, emb, context, frames, size=skips[-1].shape[-2:] if skips else None)
+            h = run_block(block, h, emb, context, frames, skips[-1].shape[-2:] if skips else None, checkpointing)
         return batch_to_frames(self.out(h), frames)
 
 
