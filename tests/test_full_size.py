@@ -70,6 +70,7 @@ def test_full_size_text_encoder_matches_transformers(state):
     ref = transformers_clip(ldm=state["sd"], config=clip_text.CLIPTextConfig())
     context = ref(input_ids=state["ours"]["ids"]).last_hidden_state
     state["expected"]["context"] = context
+    print(f"\nSD-1.5 text encoder rel_err {rel_err(state['ours']['context'], context):.1e}")
     assert rel_err(state["ours"]["context"], context) <= 1e-4
 
 
@@ -80,6 +81,7 @@ def test_full_size_vae_matches_diffusers(state):
     decoded = ref.decode(state["inputs"]["latents"]).sample
     state["expected"].update(mean=posterior.mean, logvar=posterior.logvar, decoded=decoded)
     for name in ("mean", "logvar", "decoded"):
+        print(f"\nSD-1.5 VAE {name} rel_err {rel_err(state['ours'][name], state['expected'][name]):.1e}")
         assert rel_err(state["ours"][name], state["expected"][name]) <= 1e-4, name
 
 
@@ -89,6 +91,7 @@ def test_full_size_unet_matches_diffusers(state):
     video, t, context = state["inputs"]["video"], state["inputs"]["t"], state["expected"]["context"][:1]
     eps = torch.stack([ref(video[:, :, f], t, encoder_hidden_states=context).sample for f in range(video.shape[2])], 2)
     state["expected"]["eps"] = eps
+    print(f"\nSD-1.5 UNet rel_err {rel_err(state['ours']['eps'], eps):.1e}")
     assert rel_err(state["ours"]["eps"], eps) <= 1e-4
     state["references"] = (transformers_clip(ldm=state["sd"], config=clip_text.CLIPTextConfig()),
                            diffusers_vae(ldm=state["sd"], config=vae_module.VAEConfig()), ref)
@@ -101,4 +104,5 @@ def test_full_size_diffusers_folder_loads_the_same_model(state):
     gc.collect()
     ours = outputs(simda.load_pipeline(folder), state["inputs"])
     for name, expected in state["expected"].items():
+        print(f"\nSD-1.5 from the diffusers folder: {name} rel_err {rel_err(ours[name], expected):.1e}")
         assert rel_err(ours[name], expected) <= 1e-4, name
