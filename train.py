@@ -33,6 +33,7 @@ import data
 import ddim
 import sample
 import simda
+import vae as vae_module
 from vae import LATENT_SCALE
 
 
@@ -142,8 +143,8 @@ def make_inputs(pipe, batch, gs, seed, device):
     else:
         video = torch.stack(clips).to(device)  # [b, F, 3, H, W]
         mean, logvar = (m.float().unflatten(0, video.shape[:2]) for m in pipe.vae.encode(video.flatten(0, 1)))
-    eps = torch.stack([torch.randn(mean.shape[1:], generator=generator(seed, "posterior", g)) for g in gs])
-    latents = (mean + torch.exp(0.5 * logvar) * eps.to(device)) * LATENT_SCALE
+    latents = torch.stack([vae_module.sample(m, lv, generator(seed, "posterior", g))
+                           for m, lv, g in zip(mean, logvar, gs)]) * LATENT_SCALE
     latents = latents.permute(0, 2, 1, 3, 4)  # b f c h w -> b c f h w
     gens = [generator(seed, "noise", g) for g in gs]
     t = torch.cat([torch.randint(0, ddim.NUM_TRAIN_TIMESTEPS, (1,), generator=gen) for gen in gens])

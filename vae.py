@@ -199,8 +199,9 @@ class AutoencoderKL(nn.Module):
 
 
 def sample(mean, logvar, generator=None):
-    """One draw from the diagonal Gaussian posterior."""
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    """One draw from the diagonal Gaussian posterior. The noise is drawn on the CPU (from a CPU
+    `generator`) and then moved, so that a seed gives the same draw on every device."""
+    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
     return mean + torch.exp(0.5 * logvar) * noise
 
 
