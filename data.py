@@ -2,7 +2,8 @@
 
 `read_clip` decodes `frames` frames, `stride` apart, from a random start (imageio's ffmpeg plugin;
 pillow for GIFs), resizes them on the short side, center-crops to height x width and scales to
-[-1, 1]. `find_videos` lists (video, caption) pairs, `Dataset` hands them out for training.
+[-1, 1]. `find_videos` lists (video, caption) pairs, `Dataset` hands them out for training;
+`ShapesDataset` makes fresh videos of the synthetic shapes world instead (train.py --data shapes).
 
 Every random choice of a training sample (which video, its first frame, the flip, dropping its
 caption) is drawn from a generator seeded by (seed, global sample index), never from a running RNG
@@ -20,6 +21,8 @@ import imageio.v3 as iio
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+import shapes
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".gif")
 
@@ -221,3 +224,25 @@ class Dataset:
         raise ValueError(f"none of the {len(self.items)} videos could be used (see the warnings above): "
                          f"each must decode and have at least {(self.frames - 1) * self.stride + 1} frames "
                          f"({self.frames} frames {self.stride} apart)")
+
+
+class ShapesDataset:
+    """train.py's data for `--data shapes`: an endless stream of fresh videos of the moving-shapes
+    world (shapes.py), drawn from (seed, global sample index), so nothing is read from disk and no
+    video is seen twice. It has Dataset's interface; nothing is ever skipped."""
+
+    def __init__(self, frames, size, seed=0, caption_dropout=0.1):
+        self.frames, self.size, self.seed, self.caption_dropout = frames, size, seed, caption_dropout
+        self.bad = set()
+
+    def __len__(self):
+        return len(shapes.COMBINATIONS)  # the distinct captions; videos are never reused
+
+    def sample(self, g, cache=None):
+        video, text = shapes.sample(g, self.seed, self.frames, self.size)
+        clip = resize_crop(torch.from_numpy(video).permute(0, 3, 1, 2).float(), self.size, self.size)
+        drop = random.Random(sample_seed(self.seed, "caption", g)).random() < self.caption_dropout
+        return clip, "" if drop else text
+
+    def check_readable(self):
+        pass  # generated, never unreadable

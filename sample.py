@@ -30,7 +30,7 @@ import simda
 from unet import batch_to_frames, frames_to_batch
 from vae import LATENT_SCALE
 
-DEFAULT_FRAMES, DEFAULT_SIZE = 16, 256
+DEFAULT_FRAMES, DEFAULT_SIZE, DEFAULT_FPS = 16, 256, 8
 
 
 def pick_device(name="auto"):
@@ -293,8 +293,8 @@ def build_parser():
     add = p.add_argument
     add("prompt", nargs="*", help="prompt(s); one video each")
     add("--prompts", metavar="FILE", help="a text file of prompts, one a line (blank lines skipped), after the others")
-    add("--ckpt", metavar="PATH", help="SD 1.x checkpoint, single file or diffusers folder "
-                                       f"(default: $SIMDA_CKPT, else {simda.DEFAULT_CHECKPOINT})")
+    add("--ckpt", metavar="PATH", help="SD 1.x checkpoint, single file or diffusers folder (default: $SIMDA_CKPT, "
+                                       f"else {simda.DEFAULT_CHECKPOINT}, else the built-in demo model and its adapters)")
     add("--adapters", metavar="PATH", help="SimDA adapter file from train.py (default: none, the plain image model, "
                                            "every frame on its own)")
     add("--frames", type=int, help=f"frames per video (default: the adapters' metadata, else {DEFAULT_FRAMES})")
@@ -308,7 +308,7 @@ def build_parser():
     add("--seed", type=int, default=0, help="seed of the starting noise, the same for each prompt (default: 0)")
     add("--out", default="out.gif", help="output video, .gif or .mp4; with several prompts the names get -NN-slug "
                                          "(default: %(default)s)")
-    add("--fps", type=int, default=8, help="frames per second of the output (default: %(default)s)")
+    add("--fps", type=int, help=f"frames per second of the output (default: the adapters' metadata, else {DEFAULT_FPS})")
     add("--grid", action="store_true", help="also write the frames as a PNG strip beside each video (<out stem>.png)")
     add("--device", default="auto", help="auto: CUDA, else MPS, else CPU; or a device such as cuda:1 (default: auto)")
     add("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
@@ -324,6 +324,23 @@ def build_parser():
     return p
 
 
+def pick_models(args):
+    """(checkpoint, adapters): --ckpt, else the SD weights simda.default_checkpoint finds, else the
+    built-in demo model and its adapters (a tiny SD trained on the shapes world), with a notice.
+    A $SIMDA_CKPT that points nowhere stays an error."""
+    if args.ckpt:
+        return args.ckpt, args.adapters
+    try:
+        return simda.default_checkpoint(), args.adapters
+    except simda.CheckpointError:
+        if os.environ.get("SIMDA_CKPT") or not os.path.exists(simda.DEMO_CHECKPOINT):
+            raise  # weights were asked for by name, or the demo model is not there either
+    print(f"no SD weights found: using the built-in demo model (moving shapes at 32x32, prompts like 'a red circle "
+          f"moving left'); for Stable Diffusion put {simda.DEFAULT_CHECKPOINT} in place, or pass --ckpt",
+          file=sys.stderr)
+    return simda.DEMO_CHECKPOINT, args.adapters or simda.DEMO_ADAPTERS
+
+
 def run(args):
     prompts = read_prompts(args)
     ddim.timesteps(args.steps)  # check the step counts before loading anything
@@ -331,19 +348,20 @@ def run(args):
         ddim.timesteps(args.inversion_steps)
     if os.path.splitext(args.out)[1].lower() not in (".gif", ".mp4"):
         raise ValueError(f"cannot write {args.out!r}: the output must end in .gif or .mp4")
-    if args.fps < 1:
+    if args.fps is not None and args.fps < 1:
         raise ValueError(f"--fps must be at least 1, got {args.fps}")
-    meta = simda.read_adapters(args.adapters)[1] if args.adapters else {}
+    ckpt, adapters = pick_models(args)
+    meta = simda.read_adapters(adapters)[1] if adapters else {}
     if args.inverted:  # the inverted latents fix the shape; their metadata is what --edit used
         shape = read_inverted(args.inverted)[1]
         meta = {**meta, **{k: shape[k] for k in ("frames", "height", "width") if k in shape}}
     frames, height, width = resolve_shape(args, meta)
+    fps = args.fps or int(meta.get("fps", DEFAULT_FPS))
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    ckpt = args.ckpt or simda.default_checkpoint()
     print(f"loading {ckpt} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
-    pipe = simda.load_pipeline(ckpt, device, dtype, adapters=args.adapters)
-    if not args.adapters:
+    pipe = simda.load_pipeline(ckpt, device, dtype, adapters=adapters)
+    if not adapters:
         print("no --adapters: the plain image model samples every frame on its own", file=sys.stderr)
     check_size(pipe, frames, height, width)
     latents = edit_latents(args, pipe, meta, frames, height, width) if args.edit or args.inverted else None
@@ -353,7 +371,7 @@ def run(args):
               file=sys.stderr)
         video = generate(pipe, prompt, frames, height, width, args.steps, args.guidance, args.negative, args.eta,
                          args.seed, latents)[0]
-        save_video(video, path, args.fps)
+        save_video(video, path, fps)
         if args.grid:
             save_grid(video, os.path.splitext(path)[0] + ".png")
         print(f"wrote {path}", file=sys.stderr)

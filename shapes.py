@@ -27,6 +27,7 @@ DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  
 BACKGROUND = (128, 128, 128)  # mid-grey: 0 in the model's [-1, 1] scale, equally far from every colour
 COMBINATIONS = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]  # 4 x 3 x 4 = 48
 SUPERSAMPLE = 4  # anti-aliasing: sub-pixel samples per pixel side
+FPS = 8  # frames per second, of write_webvid's files and of the demo model's videos
 
 
 def caption(colour, shape, direction):
@@ -97,7 +98,7 @@ def sample_frame(index, seed=0, size=64):
     return video[0], text
 
 
-def write_webvid(folder, count, seed=0, frames=8, size=64, fps=8):
+def write_webvid(folder, count, seed=0, frames=8, size=64, fps=FPS):
     """Write videos 0..count-1 as `folder`/videos/{page_dir}/{videoid}.mp4 with a WebVid-10M-style
     CSV `folder`/shapes.csv; returns the CSV's path. H.264 (yuv420p) is lossy: expect levels a few
     units off, more at the shapes' edges where the colour is subsampled."""

@@ -209,6 +209,12 @@ class Pipeline:
 
 
 DEFAULT_CHECKPOINT = os.path.join("checkpoints", "v1-5-pruned-emaonly.safetensors")
+# The built-in demo (README: "The demo model"): a tiny SD trained from scratch on the shapes world of
+# shapes.py (train_image.py), and SimDA adapters trained on it (train.py --data shapes). sample.py
+# falls back to them when no SD weights are found.
+MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+DEMO_CHECKPOINT = os.path.join(MODELS_DIR, "sd-shapes.safetensors")
+DEMO_ADAPTERS = os.path.join(MODELS_DIR, "simda-shapes.safetensors")
 
 
 def default_checkpoint():

@@ -2,6 +2,7 @@
 one-shot tuning on a single clip for video editing (the paper's Sec. 3.4).
 
     python train.py --data webvid_subset --out out/webvid
+    python train.py --data shapes --out out/shapes      # the built-in demo world, on the demo model
     python train.py --video clip.mp4 --prompt "a jeep car is moving on the road" --steps 200 --out out/jeep
     torchrun --nproc_per_node 4 train.py --data webvid_subset --batch-size 8 --out out/webvid
 
@@ -18,6 +19,7 @@ of every step) and samples/ (validation GIFs).
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 import data
 import ddim
 import sample
+import shapes
 import simda
 import vae as vae_module
 from vae import LATENT_SCALE
@@ -41,17 +44,20 @@ def build_parser():
     p = argparse.ArgumentParser(description="Train SimDA adapters on a frozen SD 1.x (text-to-video, or one-shot "
                                             "on one clip for editing). Multi-GPU: torchrun --nproc_per_node N train.py ...")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", metavar="DIR", help="WebVid-style CSV (or a folder holding one, videos under videos/) "
-                                                   "or a folder of videos (.mp4/.webm/.gif) with same-named .txt captions")
+    src.add_argument("--data", metavar="DIR", help="WebVid-style CSV (or a folder holding one, videos under videos/), "
+                                                   "a folder of videos (.mp4/.webm/.gif) with same-named .txt captions, "
+                                                   "or 'shapes': fresh videos of the synthetic world of shapes.py")
     src.add_argument("--video", metavar="CLIP", help="one-shot tuning on this clip (frames from its start); needs --prompt")
     p.add_argument("--prompt", help="--video: the caption of the clip (stored in the adapters' metadata)")
     p.add_argument("--ckpt", metavar="PATH", help=f"SD 1.x checkpoint (file or diffusers folder); default: $SIMDA_CKPT, "
-                                                  f"else {simda.DEFAULT_CHECKPOINT}")
+                                                  f"else {simda.DEFAULT_CHECKPOINT}; with --data shapes, the demo "
+                                                  f"image model {simda.DEMO_CHECKPOINT}")
     p.add_argument("--out", default="out/train", help="output folder (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out (state.pt) up to --steps")
-    p.add_argument("--frames", type=int, default=16, help="frames per clip (default: %(default)s)")
+    p.add_argument("--frames", type=int, help="frames per clip (default: 16; with --data shapes 8)")
     p.add_argument("--stride", type=int, default=4, help="take every stride-th frame of the video (default: %(default)s)")
-    p.add_argument("--size", type=int, help="square frame size in pixels, a multiple of 8 (default: 256)")
+    p.add_argument("--size", type=int, help="square frame size in pixels, a multiple of 8 (default: 256; with --data "
+                                            "shapes 32)")
     p.add_argument("--width", type=int, help="frame width, with --height instead of --size (default: 256)")
     p.add_argument("--height", type=int, help="frame height, with --width instead of --size (default: 256)")
     p.add_argument("--hflip", action="store_true", help="flip half of the clips horizontally")
@@ -78,6 +84,9 @@ def build_parser():
     p.add_argument("--val-prompt", action="append", default=[],
                    help="validation prompt (repeatable; default: none, no validation)")
     p.add_argument("--val-steps", type=int, default=25, help="DDIM steps of the validation samples (default: %(default)s)")
+    p.add_argument("--no-latent-shift", action="store_true", help="ablation: plain per-frame self-attention")
+    p.add_argument("--no-temporal-adapters", action="store_true", help="ablation: no TemporalAdapters")
+    p.add_argument("--no-spatial-adapters", action="store_true", help="ablation: no SpatialAdapters")
     p.add_argument("--log-every", type=int, default=10, help="print a progress line every N steps (default: %(default)s)")
     return p
 
@@ -87,8 +96,16 @@ def check_args(args):
         raise ValueError("--video needs --prompt, the caption of the clip")
     if args.size is not None and (args.width is not None or args.height is not None):
         raise ValueError("give either --size or --width/--height, not both")
-    args.height = args.height or args.size or 256
-    args.width = args.width or args.size or 256
+    shapes_world = args.data == "shapes"
+    args.frames = args.frames if args.frames is not None else 8 if shapes_world else 16
+    args.height = args.height or args.size or (32 if shapes_world else 256)
+    args.width = args.width or args.size or (32 if shapes_world else 256)
+    if shapes_world and args.height != args.width:
+        raise ValueError(f"--data shapes makes square videos: use --size, not {args.width}x{args.height}")
+    if shapes_world and args.hflip:
+        raise ValueError("--hflip would mirror the shapes' motion but not their captions ('moving left'): drop it")
+    if shapes_world and args.cache_latents:
+        raise ValueError("--cache-latents needs a fixed set of videos; --data shapes makes fresh ones every step")
     for name in ("height", "width"):
         value = getattr(args, name)
         if value < 8 or value % 8:
@@ -176,6 +193,8 @@ def save(args, unet, optimizer, scaler, step, ckpt, config):
     meta = dict(frames=args.frames, stride=args.stride, height=args.height, width=args.width, checkpoint=ckpt, step=step)
     if args.video:
         meta.update(prompt=args.prompt, video=args.video)
+    if args.data == "shapes":
+        meta.update(fps=shapes.FPS)
     simda.save_adapters(unet, os.path.join(args.out, "adapters.safetensors"), **meta)
     state = dict(step=step, adapters={k: v.cpu() for k, v in simda.adapter_state_dict(unet).items()},
                  optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else {}, config=config)
@@ -229,7 +248,7 @@ def train(args):
     dtype = autocast_dtype(args, device)
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    ckpt = args.ckpt or simda.default_checkpoint()
+    ckpt = args.ckpt or (simda.DEMO_CHECKPOINT if args.data == "shapes" else simda.default_checkpoint())
     if not os.path.exists(ckpt):
         raise simda.CheckpointError(f"checkpoint not found: {ckpt}")
     if os.path.exists(os.path.join(args.out, "state.pt")) != bool(args.resume):
@@ -239,14 +258,18 @@ def train(args):
         if not os.path.isfile(args.video):
             raise ValueError(f"--video {args.video} does not exist")
         items = [(args.video, args.prompt)]
+    if args.data == "shapes":
+        dataset = data.ShapesDataset(args.frames, args.height, args.seed, args.caption_dropout)
     else:
-        items = data.find_videos(args.data)
-    dataset = data.Dataset(items, args.frames, args.stride, args.height, args.width, args.seed, args.caption_dropout,
-                           args.hflip, random_start=args.video is None, rank=rank)
+        dataset = data.Dataset(items if args.video else data.find_videos(args.data), args.frames, args.stride,
+                               args.height, args.width, args.seed, args.caption_dropout, args.hflip,
+                               random_start=args.video is None, rank=rank)
     dataset.check_readable()  # before any model is loaded
 
     torch.manual_seed(args.seed)  # the adapters' initialisation
-    pipe = simda.load_pipeline(ckpt, device, torch.float32, simda_config=simda.SimDAConfig())
+    simda_config = simda.SimDAConfig(spatial_adapters=not args.no_spatial_adapters,
+                                     temporal_adapters=not args.no_temporal_adapters, latent_shift=not args.no_latent_shift)
+    pipe = simda.load_pipeline(ckpt, device, torch.float32, simda_config=simda_config)
     sample.check_size(pipe, args.frames, args.height, args.width)
     unet = pipe.unet
     unet.gradient_checkpointing = args.gradient_checkpointing
@@ -255,11 +278,14 @@ def train(args):
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     config = dict(batch_size=args.batch_size, seed=args.seed, frames=args.frames, stride=args.stride, height=args.height,
                   width=args.width, caption_dropout=args.caption_dropout, hflip=args.hflip, lr=args.lr,
-                  cache_latents=args.cache_latents, data=args.data or args.video)
+                  cache_latents=args.cache_latents, data=args.data or args.video,
+                  simda_config=dataclasses.asdict(simda_config))
     step = resume(args, unet, optimizer, scaler, config) if args.resume else 0
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        print(f"{len(dataset)} videos, {args.frames} frames of {args.width}x{args.height} (stride {args.stride}), "
+        source = "fresh shapes-world videos" if args.data == "shapes" else f"{len(dataset)} videos"
+        stride = "" if args.data == "shapes" else f" (stride {args.stride})"
+        print(f"{source}, {args.frames} frames of {args.width}x{args.height}{stride}, "
               f"global batch {args.batch_size} on {world} process(es), {device}, precision {str(dtype).removeprefix('torch.')}")
         print(simda.trainable_summary(unet), flush=True)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
@@ -325,8 +351,9 @@ def finish(args, unet, dataset, rank, world, log):
         if log:
             log.close()
         skipped = len(set().union(*bad))
-        print(f"done: adapters in {os.path.join(args.out, 'adapters.safetensors')}; "
-              f"{skipped} of {len(dataset)} videos skipped (unreadable or too short)", flush=True)
+        print(f"done: adapters in {os.path.join(args.out, 'adapters.safetensors')}"
+              + ("" if args.data == "shapes" else f"; {skipped} of {len(dataset)} videos skipped (unreadable or too short)"),
+              flush=True)
 
 
 def main(argv=None):

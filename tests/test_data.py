@@ -189,3 +189,17 @@ def test_a_dataset_with_no_readable_video_fails_its_check(mixed):
     bad = [item for item in mixed if "good" not in item[0]]
     with pytest.raises(ValueError, match="none of the 2 videos could be used.*at least 5 frames"):
         dataset(bad).check_readable()
+
+
+def test_shapes_dataset_gives_the_worlds_videos_by_global_index():
+    import shapes
+    dataset = data.ShapesDataset(frames=4, size=16, seed=5, caption_dropout=0.5)
+    clips = [dataset.sample(g) for g in range(40)]
+    for g, (clip, caption) in enumerate(clips):
+        video, text = shapes.sample(g, 5, 4, 16)
+        assert clip.shape == (4, 3, 16, 16) and clip.min() >= -1 and clip.max() <= 1
+        assert np.array_equal(((clip + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(), video)
+        assert caption in (text, "")
+        assert dataset.sample(g)[1] == caption  # the dropout draw is the sample's own
+    assert 5 < sum(c == "" for _, c in clips) < 35
+    assert not dataset.bad

@@ -134,6 +134,7 @@ def test_missing_checkpoint_says_where_to_put_the_weights(tmp_path, monkeypatch,
     err = expect_error(capsys, [PROMPT], "SIMDA_CKPT points to", "nowhere.safetensors", *howto)
     monkeypatch.delenv("SIMDA_CKPT")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(simda, "DEMO_CHECKPOINT", str(tmp_path / "no-demo.safetensors"))  # else the demo model runs
     err = expect_error(capsys, [PROMPT], "SIMDA_CKPT is not set", *howto)
     assert os.path.join(str(tmp_path), "checkpoints", "v1-5-pruned-emaonly.safetensors") in err
 

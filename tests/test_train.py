@@ -186,3 +186,37 @@ def test_bad_input_is_a_clear_error_before_any_model_loads(changes, message, ckp
         train.main(argv)
     assert e.value.code == 2
     assert f"error: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ablation, absent", [
+    ([], None),
+    (["--no-latent-shift"], None),
+    (["--no-temporal-adapters"], "temporal_adapter."),
+    (["--no-spatial-adapters"], "attn_adapter."),
+])
+def test_data_shapes_trains_on_the_shapes_world_with_the_ablation_flags(ablation, absent, ckpt, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    run("--data", "shapes", "--ckpt", ckpt, "--out", out, "--steps", 2, "--size", 16, "--frames", 4,
+        "--batch-size", 2, "--lr", "1e-3", *ablation)
+    assert "fresh shapes-world videos, 4 frames of 16x16" in capsys.readouterr().out
+    weights, meta = simda.read_adapters(os.path.join(out, "adapters.safetensors"))
+    assert meta["fps"] == 8 and meta["frames"] == 4 and meta["height"] == 16
+    config = meta["simda_config"]
+    assert config["latent_shift"] == ("--no-latent-shift" not in ablation)
+    assert config["temporal_adapters"] == ("--no-temporal-adapters" not in ablation)
+    assert config["spatial_adapters"] == ("--no-spatial-adapters" not in ablation)
+    if absent:
+        assert weights and not any(absent in k for k in weights)
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if ".up." in k)  # trained off zero
+    assert len(losses(out)) == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--width", "16", "--height", "24"], "--data shapes makes square videos"),
+    (["--hflip"], "--hflip would mirror the shapes' motion"),
+    (["--cache-latents"], "--cache-latents needs a fixed set of videos"),
+])
+def test_data_shapes_rejects_what_the_world_cannot_do(argv, message, ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", "shapes", "--ckpt", ckpt, "--out", str(tmp_path / "out"), *argv])
+    assert e.value.code == 2 and f"error: {message}" in capsys.readouterr().err

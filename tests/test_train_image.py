@@ -1,0 +1,62 @@
+"""train_image.py, stage 1 of the demo model: a short run writes a VAE and a single-file SD checkpoint
+that simda.load_pipeline loads, and a run stopped at a save equals a run of that many steps (the
+training does not depend on the total step count), which is how the shipped model was made."""
+import math
+import os
+import shutil
+
+import torch
+from safetensors.torch import load_file
+
+import simda
+import train_image
+import vae as vae_module
+from vae import LATENT_SCALE
+
+SMALL = ["--batch-size", "2", "--vae-batch-size", "2", "--log-every", "1", "--warmup", "2"]
+
+
+def test_a_short_run_writes_a_checkpoint_that_loads_as_sd(tmp_path, capsys):
+    train_image.main(["--out", str(tmp_path / "a"), "--vae-steps", "2", "--unet-steps", "3", "--save-every", "2",
+                      *SMALL])
+    out = capsys.readouterr().out
+    assert "vae check on 96 unseen frames" in out and "image check, 48 captions" in out
+    path = tmp_path / "a" / "sd-shapes.safetensors"
+    sd = load_file(str(path))
+    assert all(v.dtype == torch.float16 for v in sd.values())
+    pipe = simda.load_pipeline(str(path))
+    assert pipe.vae.config == train_image.configs()[0] and pipe.unet.config == train_image.configs()[2]
+    assert pipe.text_encoder.config == train_image.configs()[1]
+
+    # a run stopped at its step-2 save (of 3 steps) equals a 2-step run with the same VAE
+    shutil.copytree(tmp_path / "a", tmp_path / "b", ignore=shutil.ignore_patterns("sd-shapes*"))
+    saved = {}
+
+    def keep(vae, text_encoder, unet, path, **metadata):
+        saved[metadata["step"]] = {k: v.clone() for m in (text_encoder, unet) for k, v in m.state_dict().items()}
+        original(vae, text_encoder, unet, path, **metadata)
+    original = train_image.save_checkpoint
+    train_image.save_checkpoint = keep
+    try:
+        train_image.main(["--out", str(tmp_path / "b"), "--unet-steps", "3", "--save-every", "2", *SMALL])
+        step2 = saved[2]
+        train_image.main(["--out", str(tmp_path / "b"), "--unet-steps", "2", *SMALL])
+    finally:
+        train_image.save_checkpoint = original
+    assert all(torch.equal(step2[k], v) for k, v in saved[2].items())
+    assert any(not torch.equal(saved[3][k], v) for k, v in saved[2].items())
+
+
+def test_rescaled_latents_have_unit_variance_and_decode_the_same():
+    torch.manual_seed(0)
+    vae = vae_module.AutoencoderKL(train_image.configs()[0]).eval().requires_grad_(False)
+    x, _ = train_image.frames(0, 8, 0, 32)
+    before_mean, before_logvar = vae.encode(x)
+    before = vae.decode(before_mean)
+    k = train_image.rescale_latents(vae, 0, 32, count=64)
+    mean, logvar = vae.encode(x)
+    assert torch.allclose(mean, k * before_mean, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(logvar, before_logvar + 2 * math.log(k), atol=1e-4)
+    assert torch.allclose(vae.decode(mean), before, atol=1e-4)
+    held_out, _ = train_image.frames(10 ** 6, 64, 0, 32)
+    assert abs((vae.encode(held_out)[0] * LATENT_SCALE).std().item() - 1) < 1e-3
