@@ -44,7 +44,7 @@ import unet as unet_module
 import vae as vae_module
 from vae import LATENT_SCALE
 
-SIZE, FRAMES, FPS = 32, 8, 8  # what the demo model is trained on: 8 frames of 32x32
+SIZE = 32  # the demo model's frame size (its videos: 8 frames, shapes.FPS)
 
 
 def configs():
