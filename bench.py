@@ -145,7 +145,7 @@ def main():
           f"{args.frames} frames x {args.size}x{args.size}; best of {args.repeats}")
     print(f"{'case':<20}{'seconds':>10}{'peak GB':>10}{'trainable':>14}")
     for r in results.values():
-        print(f"{r['case']:<20}{r['seconds']:>10.2f}{r['peak_gb']:>10.2f}{r['trainable']:>14,}")
+        print(f"{r['case']:<20}{r['seconds']:>10.4f}{r['peak_gb']:>10.2f}{r['trainable']:>14,}")
 
     def ratio(a, b, key, target):
         if a in results and b in results:

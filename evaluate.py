@@ -87,10 +87,10 @@ def main(argv=None):
                    help="a row: its name and adapter file (empty: the image model frame by frame); repeatable "
                         "(default: the five rows of the README)")
     p.add_argument("--seeds", type=int, default=2, help="videos per caption, 48 captions (default: %(default)s)")
-    p.add_argument("--frames", type=int, help="frames per video (default: the adapters' metadata, else 8)")
-    p.add_argument("--size", type=int, help="frame size (default: the adapters' metadata, else 32)")
+    p.add_argument("--frames", type=int, help=f"frames per video (default: the adapters' metadata, else {shapes.FRAMES})")
+    p.add_argument("--size", type=int, help=f"frame size (default: the adapters' metadata, else {shapes.SIZE})")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=4.0, help="guidance scale (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=48, help="videos per sampling call (default: %(default)s)")
     p.add_argument("--out", default="out/evaluate.json", help="every score, per row, as JSON (default: %(default)s)")
     p.add_argument("--save-videos", metavar="DIR", help="also write every sampled video as a GIF under DIR/<row>/")
@@ -110,8 +110,8 @@ def main(argv=None):
         results, everything = {}, {}
         for name, path in rows:
             meta = simda.read_adapters(path)[1] if path else {}
-            frames = args.frames or int(meta.get("frames", 8))
-            size = args.size or int(meta.get("height", 32))
+            frames = args.frames or int(meta.get("frames", shapes.FRAMES))
+            size = args.size or int(meta.get("height", shapes.SIZE))
             print(f"{name}: {len(jobs)} videos of {frames} frames at {size}x{size}, {args.steps} DDIM steps, "
                   f"guidance {args.guidance}", file=sys.stderr, flush=True)
             pipe = simda.load_pipeline(args.ckpt, adapters=path)

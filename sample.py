@@ -130,12 +130,17 @@ def with_progress(eps, what, steps, enabled):
     return eps_with_progress
 
 
+def to_uint8(images):
+    """Images in [-1, 1] -> uint8 levels 0..255 (rounded, clipped), same shape."""
+    return ((images + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
+
+
 @torch.no_grad()
 def decode(pipe, latents):
     """Scaled latents [B, 4, F, h, w] -> uint8 frames [B, F, H, W, 3] on the CPU (VAE chunked over frames)."""
     _, dtype = model_params(pipe)
     images = pipe.vae.decode(frames_to_batch(latents / LATENT_SCALE).to(dtype)).float()
-    images = ((images + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).cpu()
+    images = to_uint8(images).cpu()
     return batch_to_frames(images, latents.shape[2]).permute(0, 2, 3, 4, 1)  # b 3 f H W -> b f H W 3
 
 
@@ -244,9 +249,15 @@ def resolve_shape(args, meta):
     width = pick(args.size, args.width, meta.get("width"), DEFAULT_SIZE)
     if frames < 1:
         raise ValueError(f"--frames must be at least 1, got {frames}")
+    check_pixel_size(height, width)
+    return frames, height, width
+
+
+def check_pixel_size(height, width):
+    """The command lines' check, before any model loads: SD's VAE needs multiples of 8 (check_size
+    checks a loaded model's own factor)."""
     if height < 8 or width < 8 or height % 8 or width % 8:
         raise ValueError(f"video size {width}x{height} (width x height): both must be positive multiples of 8")
-    return frames, height, width
 
 
 def read_inverted(path):

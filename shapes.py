@@ -3,17 +3,21 @@
 A video shows ONE shape (circle, square, triangle) of one pure colour on a plain mid-grey
 background, moving left, right, up or down at a steady speed, captioned "a red circle moving left".
 Everything is drawn from the seed: start position, speed (pixels per frame) and size, always such
-that the whole shape stays inside the frame for the whole clip. Edges are anti-aliased (each
-pixel's colour is the shape's coverage of a 4x4 grid of sub-pixel samples), so sub-pixel speeds
-move the centroid smoothly. `sample(i)` goes through all 48 combinations in each block of 48;
+that the whole shape stays inside the frame for the whole clip. Behind the shape fades a trail,
+three faint copies of it (as a long exposure leaves), so that one frame shows which way the shape
+moves, as a photo shows which way a runner faces: without such a cue the motion words mean nothing
+to an image model trained on single frames, and the adapters never learned them (README: "The demo
+model"). The trail stays nearer the background than the tracker's NEAR_BACKGROUND, so it never
+counts as the object. Edges are anti-aliased (each pixel's colour is the shape's coverage of a 4x4
+grid of sub-pixel samples), so sub-pixel speeds move the centroid smoothly. `sample(i)` goes through all 48 combinations in each block of 48;
 `sample_frame(i)` is a single frame with its video's caption, for the image-model stage;
 `write_webvid` writes a WebVid-style folder (CSV + mp4) for data.find_videos.
 
 The tracker (numpy only) gives each pixel far from the background its nearest palette colour,
 groups same-colour pixels into 4-connected components, drops components smaller than 1/256 of the
 frame, and names a component's shape by the ideal circle, square or triangle of the same area and
-centroid that overlaps it best. `score` compares what it finds with a caption; `summarise` averages.
-Image coordinates: x grows to the right, y grows downwards, so "up" means y decreases.
+centroid that overlaps it best. `score` compares what it finds with a caption; `summarise` averages;
+`direction_from_trail` reads the way a single frame's shape moves from its trail. Image coordinates: x grows to the right, y grows downwards, so "up" means y decreases.
 """
 import csv
 import os
@@ -28,6 +32,8 @@ BACKGROUND = (128, 128, 128)  # mid-grey: 0 in the model's [-1, 1] scale, equall
 COMBINATIONS = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]  # 4 x 3 x 4 = 48
 SUPERSAMPLE = 4  # anti-aliasing: sub-pixel samples per pixel side
 FPS = 8  # frames per second, of write_webvid's files and of the demo model's videos
+FRAMES, SIZE = 8, 32  # the demo model's clips: 8 frames of 32x32 (train.py --data shapes, evaluate.py)
+TRAIL = (0.2, 0.13, 0.07)  # the trail's copies: opacity of the k-th copy, each 0.6 half-widths further back
 
 
 def caption(colour, shape, direction):
@@ -76,7 +82,11 @@ def make_video(colour, shape, direction, frames=8, size=64, seed=0):
     background, ink = np.array(BACKGROUND, np.float64), np.array(COLOURS[colour], np.float64)
     video = np.empty((frames, size, size, 3), np.uint8)
     for t in range(frames):
-        cover = coverage(shape, start[0] + ux * speed * t, start[1] + uy * speed * t, r, size, size)
+        x, y = start[0] + ux * speed * t, start[1] + uy * speed * t
+        cover = coverage(shape, x, y, r, size, size)
+        for k, opacity in enumerate(TRAIL, 1):
+            back = 0.6 * r * k
+            cover = np.maximum(cover, opacity * coverage(shape, x - ux * back, y - uy * back, r, size, size))
         video[t] = np.round(background + cover[..., None] * (ink - background))
     return video
 
@@ -210,6 +220,20 @@ def direction_of(displacement, min_motion):
     if abs(dx) >= abs(dy):
         return "right" if dx > 0 else "left"
     return "down" if dy > 0 else "up"
+
+
+def direction_from_trail(image, colour):
+    """The way the shape of `colour` in one frame (uint8 [H, W, 3]) moves, read from its trail: the
+    faint pixels of that colour lie behind the shape. 'none' if there is no shape or no trail."""
+    ink, background = np.array(COLOURS[colour], np.float64), np.array(BACKGROUND, np.float64)
+    weight = ((np.asarray(image, np.float64) - background) / (ink - background)).mean(-1).clip(0, 1)
+    body = weight >= 0.5
+    faint = np.where((weight > 0.03) & ~body, weight, 0)
+    if not body.any() or not faint.any():
+        return "none"
+    y, x = np.mgrid[:weight.shape[0], :weight.shape[1]]
+    behind = np.array([(x * faint).sum() / faint.sum() - x[body].mean(), (y * faint).sum() / faint.sum() - y[body].mean()])
+    return direction_of(-behind, 0.5)
 
 
 def score(video, text, eps=0.5):

@@ -54,10 +54,10 @@ def build_parser():
                                                   f"image model {simda.DEMO_CHECKPOINT}")
     p.add_argument("--out", default="out/train", help="output folder (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out (state.pt) up to --steps")
-    p.add_argument("--frames", type=int, help="frames per clip (default: 16; with --data shapes 8)")
+    p.add_argument("--frames", type=int, help=f"frames per clip (default: 16; with --data shapes {shapes.FRAMES})")
     p.add_argument("--stride", type=int, default=4, help="take every stride-th frame of the video (default: %(default)s)")
     p.add_argument("--size", type=int, help="square frame size in pixels, a multiple of 8 (default: 256; with --data "
-                                            "shapes 32)")
+                                            f"shapes {shapes.SIZE})")
     p.add_argument("--width", type=int, help="frame width, with --height instead of --size (default: 256)")
     p.add_argument("--height", type=int, help="frame height, with --width instead of --size (default: 256)")
     p.add_argument("--hflip", action="store_true", help="flip half of the clips horizontally")
@@ -67,6 +67,9 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=1,
                    help="global batch, split evenly over torchrun's processes (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--timestep-bias", type=float, default=0.0,
+                   help="draw training timesteps with density ~ (t/1000)^BIAS: 0 is SD's uniform draw; > 0 favours "
+                        "the noisiest steps, where motion is decided (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this; 0: off (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and of every noise draw (default: %(default)s)")
@@ -97,22 +100,21 @@ def check_args(args):
     if args.size is not None and (args.width is not None or args.height is not None):
         raise ValueError("give either --size or --width/--height, not both")
     shapes_world = args.data == "shapes"
-    args.frames = args.frames if args.frames is not None else 8 if shapes_world else 16
-    args.height = args.height or args.size or (32 if shapes_world else 256)
-    args.width = args.width or args.size or (32 if shapes_world else 256)
+    args.frames = args.frames if args.frames is not None else shapes.FRAMES if shapes_world else 16
+    args.height = args.height or args.size or (shapes.SIZE if shapes_world else 256)
+    args.width = args.width or args.size or (shapes.SIZE if shapes_world else 256)
     if shapes_world and args.height != args.width:
         raise ValueError(f"--data shapes makes square videos: use --size, not {args.width}x{args.height}")
     if shapes_world and args.hflip:
         raise ValueError("--hflip would mirror the shapes' motion but not their captions ('moving left'): drop it")
     if shapes_world and args.cache_latents:
         raise ValueError("--cache-latents needs a fixed set of videos; --data shapes makes fresh ones every step")
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value < 8 or value % 8:
-            raise ValueError(f"--{name if args.size is None else 'size'} must be a positive multiple of 8, got {value}")
+    sample.check_pixel_size(args.height, args.width)
     for name in ("frames", "stride", "steps", "batch_size", "save_every", "log_every", "val_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not args.timestep_bias >= 0:
+        raise ValueError(f"--timestep-bias must be >= 0, got {args.timestep_bias}")
     if not 0 <= args.caption_dropout <= 1:
         raise ValueError(f"--caption-dropout must be in [0, 1], got {args.caption_dropout}")
 
@@ -150,8 +152,18 @@ def generator(*parts):
     return torch.Generator().manual_seed(data.sample_seed(*parts))
 
 
+def draw_timestep(gen, bias=0.0):
+    """One training timestep [1]: uniform over 0..999 as in SD's training (bias 0), else with density
+    proportional to (t / 1000) ** bias, which favours the noisiest steps, where a sampled video's layout
+    and motion are decided and the eps loss weighs errors least."""
+    if bias == 0:
+        return torch.randint(0, ddim.NUM_TRAIN_TIMESTEPS, (1,), generator=gen)
+    u = torch.rand(1, generator=gen, dtype=torch.float64)
+    return (u ** (1 / (1 + bias)) * ddim.NUM_TRAIN_TIMESTEPS).long().clamp(max=ddim.NUM_TRAIN_TIMESTEPS - 1)
+
+
 @torch.no_grad()
-def make_inputs(pipe, batch, gs, seed, device):
+def make_inputs(pipe, batch, gs, seed, device, timestep_bias=0.0):
     """(noisy latents, timesteps, noise, text context) for the samples gs: [(clip or (mean, logvar), caption)]."""
     clips, captions = zip(*batch)
     context = pipe.text_encoder(pipe.tokenizer(list(captions)).to(device))
@@ -164,7 +176,7 @@ def make_inputs(pipe, batch, gs, seed, device):
                            for m, lv, g in zip(mean, logvar, gs)]) * LATENT_SCALE
     latents = latents.permute(0, 2, 1, 3, 4)  # b f c h w -> b c f h w
     gens = [generator(seed, "noise", g) for g in gs]
-    t = torch.cat([torch.randint(0, ddim.NUM_TRAIN_TIMESTEPS, (1,), generator=gen) for gen in gens])
+    t = torch.cat([draw_timestep(gen, timestep_bias) for gen in gens])
     noise = torch.stack([torch.randn(latents.shape[1:], generator=gen) for gen in gens]).to(device)
     return ddim.add_noise(latents, noise, t.to(device)), t.to(device), noise, context
 
@@ -278,7 +290,7 @@ def train(args):
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     config = dict(batch_size=args.batch_size, seed=args.seed, frames=args.frames, stride=args.stride, height=args.height,
                   width=args.width, caption_dropout=args.caption_dropout, hflip=args.hflip, lr=args.lr,
-                  cache_latents=args.cache_latents, data=args.data or args.video,
+                  timestep_bias=args.timestep_bias, cache_latents=args.cache_latents, data=args.data or args.video,
                   simda_config=dataclasses.asdict(simda_config))
     step = resume(args, unet, optimizer, scaler, config) if args.resume else 0
     if rank == 0:
@@ -298,7 +310,8 @@ def train(args):
     while step < args.steps:
         gs = [step * args.batch_size + j for j in range(rank, args.batch_size, world)]  # this rank's samples
         with autocast():
-            noisy, t, noise, context = make_inputs(pipe, [dataset.sample(g, cache) for g in gs], gs, args.seed, device)
+            noisy, t, noise, context = make_inputs(pipe, [dataset.sample(g, cache) for g in gs], gs, args.seed, device,
+                                                       args.timestep_bias)
             loss = F.mse_loss(model(noisy, t, context).float(), noise)
         value = loss.detach().clone()
         if world > 1:

@@ -44,8 +44,6 @@ import unet as unet_module
 import vae as vae_module
 from vae import LATENT_SCALE
 
-SIZE = 32  # the demo model's frame size (its videos: 8 frames, shapes.FPS)
-
 
 def configs():
     """(VAE, text encoder, UNet) configurations of the demo model: about 11 million parameters."""
@@ -119,8 +117,7 @@ def check_vae(vae, seed, size, count=96):
     """Tracker scores (colour, shape, position) of reconstructions of frames the training did not see."""
     x, captions = frames(2 * 10 ** 6, count, seed, size)
     recon = vae.decode(vae.encode(x)[0])
-    as_uint8 = lambda t: ((t + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    originals, recons = as_uint8(x), as_uint8(recon)
+    originals, recons = (sample.to_uint8(t).permute(0, 2, 3, 1).numpy() for t in (x, recon))
     colour = shape = moved = 0
     for original, image, text in zip(originals, recons, captions):
         got, want = shapes.track(image[None])[0], shapes.track(original[None])[0][0]
@@ -193,9 +190,11 @@ def check_images(path, seed, size, steps=20, guidance=4.0):
     prompts = [shapes.caption(*c) for c in shapes.COMBINATIONS]
     images = sample.generate(pipe, prompts, 1, size, size, steps, guidance, seed=seed, progress=False).numpy()
     scores = shapes.summarise([shapes.score(image, text) for image, text in zip(images, prompts)])
+    trail = np.mean([shapes.direction_from_trail(image[0], shapes.parse_caption(text)[0]) == shapes.parse_caption(text)[2]
+                     for image, text in zip(images, prompts)])  # the motion words: the trail behind the shape
     print(f"image check, {len(prompts)} captions, {steps} DDIM steps, guidance {guidance}: colour "
           f"{scores['colour_correct']:.0%}, shape {scores['shape_correct']:.0%}, "
-          f"one object {scores['present_fraction']:.0%}", flush=True)
+          f"one object {scores['present_fraction']:.0%}, trail behind the shape {trail:.0%}", flush=True)
 
 
 def main(argv=None):
@@ -204,7 +203,7 @@ def main(argv=None):
                                             "the shapes world.")
     p.add_argument("--out", default="models/build", help="folder for vae.safetensors and sd-shapes.safetensors "
                                                          "(default: %(default)s)")
-    p.add_argument("--size", type=int, default=SIZE, help="frame size in pixels (default: %(default)s)")
+    p.add_argument("--size", type=int, default=shapes.SIZE, help="frame size in pixels (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the initialisation (default: %(default)s)")
     p.add_argument("--vae-steps", type=int, default=1000, help="VAE optimizer steps (default: %(default)s)")
     p.add_argument("--vae-batch-size", type=int, default=32, help="(default: %(default)s)")

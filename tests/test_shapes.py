@@ -47,11 +47,24 @@ def test_the_shape_stays_inside_the_frame_and_has_only_its_colour(frames, size):
     for i in range(48):
         video, text = shapes.sample(i, seed=7, frames=frames, size=size)
         colour = np.array(shapes.COLOURS[shapes.parse_caption(text)[0]], np.float64)
-        border = np.concatenate([video[:, 0], video[:, -1], video[:, :, 0], video[:, :, -1]], axis=1)
-        assert (border == BACKGROUND).all(), f"{text} (sample {i}) touches the frame's edge"
-        # every pixel is a blend of the background and the shape's colour (anti-aliased edges)
+        # every pixel is a blend of the background and the shape's colour (anti-aliased edges, the trail)
         weight = (video - BACKGROUND.astype(np.float64)) / (colour - BACKGROUND)
         assert np.allclose(weight, weight[..., :1], atol=0.01) and (weight.max(axis=(1, 2, 3)) > 0.99).all()
+        border = np.concatenate([weight[:, 0], weight[:, -1], weight[:, :, 0], weight[:, :, -1]], axis=1)
+        assert border.max() <= max(shapes.TRAIL) + 0.01, f"{text} (sample {i}): the shape touches the frame's edge"
+
+
+def test_a_single_frame_shows_the_direction_by_its_trail():
+    """The faint trail lies behind the shape, so one frame shows the way it moves; a circle or square
+    without the trail (its anti-aliased edge even all round) shows none."""
+    for i in range(48):
+        frame, text = shapes.sample_frame(i, seed=4, size=32)
+        colour, shape, direction = shapes.parse_caption(text)
+        assert shapes.direction_from_trail(frame, colour) == direction, text
+        if shape != "triangle":  # a triangle's slanted sides leave more faint pixels below than above
+            cover = shapes.coverage(shape, 16, 16, 5, 32, 32)[..., None]
+            alone = np.round(BACKGROUND + cover * (np.array(shapes.COLOURS[colour]) - BACKGROUND)).astype(np.uint8)
+            assert shapes.direction_from_trail(alone, colour) == "none", text
 
 
 def test_a_single_frame_keeps_its_videos_caption():
