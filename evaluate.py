@@ -6,8 +6,9 @@ colour-segmentation tracker; the result is a markdown table (and a JSON file wit
     python evaluate.py --row "mine=out/shapes/adapters.safetensors" --row "image model="
 
 Rows (default): the frozen image model run frame by frame (no adapters, no latent-shift attention),
-full SimDA, and SimDA without latent-shift attention, without temporal adapters and without spatial
-adapters, each trained with the same budget (README: "The demo model").
+the shipped SimDA adapters (1500 steps), and the ablation: SimDA, without latent-shift attention,
+without temporal adapters and without spatial adapters, each trained with the same budget (750
+steps; README: "The demo model").
 """
 import argparse
 import json
@@ -23,7 +24,8 @@ import simda
 
 ROWS = [
     ("frozen image model, frame by frame", None),
-    ("SimDA", simda.DEMO_ADAPTERS),
+    ("SimDA, shipped (1500 steps)", simda.DEMO_ADAPTERS),
+    ("SimDA (750 steps, like each row below)", os.path.join(simda.MODELS_DIR, "ablation", "simda-750-steps.safetensors")),
     ("without latent-shift attention", os.path.join(simda.MODELS_DIR, "ablation", "no-latent-shift.safetensors")),
     ("without temporal adapters", os.path.join(simda.MODELS_DIR, "ablation", "no-temporal-adapters.safetensors")),
     ("without spatial adapters", os.path.join(simda.MODELS_DIR, "ablation", "no-spatial-adapters.safetensors")),
