@@ -1,7 +1,7 @@
 """The shipped demo model (models/): it loads through simda.load_pipeline like SD; its videos show
 the prompted colour and shape, and with the adapters one object moving steadily the prompted way
-(scored by the shapes tracker); and sample.py with no SD weights configured uses it, with its own frame count, size
-and fps."""
+(scored by the shapes tracker); and sample.py with no SD weights configured uses it, with its own
+frame count, size and fps."""
 import glob
 import os
 
