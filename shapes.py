@@ -9,7 +9,8 @@ moves, as a photo shows which way a runner faces: without such a cue the motion 
 to an image model trained on single frames, and the adapters never learned them (README: "The demo
 model"). The trail stays nearer the background than the tracker's NEAR_BACKGROUND, so it never
 counts as the object. Edges are anti-aliased (each pixel's colour is the shape's coverage of a 4x4
-grid of sub-pixel samples), so sub-pixel speeds move the centroid smoothly. `sample(i)` goes through all 48 combinations in each block of 48;
+grid of sub-pixel samples), so sub-pixel speeds move the centroid smoothly. `sample(i)` goes
+through all 48 combinations in each block of 48;
 `sample_frame(i)` is a single frame with its video's caption, for the image-model stage;
 `write_webvid` writes a WebVid-style folder (CSV + mp4) for data.find_videos.
 
@@ -17,7 +18,8 @@ The tracker (numpy only) gives each pixel far from the background its nearest pa
 groups same-colour pixels into 4-connected components, drops components smaller than 1/256 of the
 frame, and names a component's shape by the ideal circle, square or triangle of the same area and
 centroid that overlaps it best. `score` compares what it finds with a caption; `summarise` averages;
-`direction_from_trail` reads the way a single frame's shape moves from its trail. Image coordinates: x grows to the right, y grows downwards, so "up" means y decreases.
+`direction_from_trail` reads the way a single frame's shape moves from its trail.
+Image coordinates: x grows to the right, y grows downwards, so "up" means y decreases.
 """
 import csv
 import os
@@ -232,8 +234,8 @@ def direction_from_trail(image, colour):
     if not body.any() or not faint.any():
         return "none"
     y, x = np.mgrid[:weight.shape[0], :weight.shape[1]]
-    behind = np.array([(x * faint).sum() / faint.sum() - x[body].mean(), (y * faint).sum() / faint.sum() - y[body].mean()])
-    return direction_of(-behind, 0.5)
+    faint_centre = np.array([(x * faint).sum(), (y * faint).sum()]) / faint.sum()
+    return direction_of(np.array([x[body].mean(), y[body].mean()]) - faint_centre, 0.5)
 
 
 def score(video, text, eps=0.5):

@@ -190,8 +190,9 @@ def check_images(path, seed, size, steps=20, guidance=4.0):
     prompts = [shapes.caption(*c) for c in shapes.COMBINATIONS]
     images = sample.generate(pipe, prompts, 1, size, size, steps, guidance, seed=seed, progress=False).numpy()
     scores = shapes.summarise([shapes.score(image, text) for image, text in zip(images, prompts)])
-    trail = np.mean([shapes.direction_from_trail(image[0], shapes.parse_caption(text)[0]) == shapes.parse_caption(text)[2]
-                     for image, text in zip(images, prompts)])  # the motion words: the trail behind the shape
+    # the motion words: is the trail drawn behind the shape?
+    trail = np.mean([shapes.direction_from_trail(image[0], colour) == direction
+                     for image, (colour, _, direction) in zip(images, shapes.COMBINATIONS)])
     print(f"image check, {len(prompts)} captions, {steps} DDIM steps, guidance {guidance}: colour "
           f"{scores['colour_correct']:.0%}, shape {scores['shape_correct']:.0%}, "
           f"one object {scores['present_fraction']:.0%}, trail behind the shape {trail:.0%}", flush=True)
