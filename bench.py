@@ -25,13 +25,36 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(ROOT, "tests"))  # the reference-model builders live with the tests
-
-import simda  # noqa: E402
-import unet as unet_module  # noqa: E402
+import unet as unet_module
+from adapters import SimDAConfig, freeze_for_training
+from checkpoint import UNET_PREFIX
+from video import frames_to_batch
 
 CASES = ["sd_forward", "diffusers_forward", "simda_forward", "simda_train", "animatediff_train"]
+
+
+def diffusers_unet_config(c):
+    """diffusers' UNet2DConditionModel arguments for our UNetConfig (tests/reference.py builds its
+    oracles from it too)."""
+    levels = len(c.channel_mult)
+    return dict(
+        sample_size=32, in_channels=c.in_channels, out_channels=c.out_channels,
+        block_out_channels=[c.model_channels * m for m in c.channel_mult],
+        layers_per_block=c.num_res_blocks, attention_head_dim=c.num_heads, cross_attention_dim=c.context_dim,
+        down_block_types=["CrossAttnDownBlock2D" if i in c.attention_levels else "DownBlock2D" for i in range(levels)],
+        up_block_types=["CrossAttnUpBlock2D" if i in c.attention_levels else "UpBlock2D" for i in reversed(range(levels))],
+        norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0)
+
+
+def peer_unet(unet):
+    """diffusers' UNet2DConditionModel holding our UNet's weights, converted by diffusers' own LDM converter."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    config = diffusers_unet_config(unet.config)
+    model = UNet2DConditionModel(**config)
+    ldm = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
+    model.load_state_dict(convert_ldm_unet_checkpoint(ldm, config), strict=True)
+    return model.eval()
 
 
 def peak_memory_gb(device):
@@ -64,21 +87,19 @@ def run_case(case, args):
     x = torch.randn(1, config.in_channels, args.frames, h, w, generator=g).to(device, dtype)
     t = torch.tensor([500], device=device)
     context = torch.randn(1, 77, config.context_dim, generator=g).to(device, dtype)
-    simda_config = simda.SimDAConfig() if case.startswith("simda") else None
+    simda_config = SimDAConfig() if case.startswith("simda") else None
     model = unet_module.UNet(config, simda_config)
 
     if case == "diffusers_forward":
-        from reference import diffusers_unet
-        model = diffusers_unet(model).to(device, dtype)
-        frames = unet_module.frames_to_batch(x)
+        model = peer_unet(model).to(device, dtype)
+        frames = frames_to_batch(x)
         step = lambda: model(frames, t, encoder_hidden_states=context.repeat_interleave(args.frames, 0))  # noqa: E731
     elif case == "animatediff_train":
         from diffusers import MotionAdapter, UNetMotionModel
-        from reference import diffusers_unet
         motion_adapter = MotionAdapter(block_out_channels=[config.model_channels * m for m in config.channel_mult],
                                        motion_layers_per_block=config.num_res_blocks, motion_norm_num_groups=32,
                                        motion_num_attention_heads=config.num_heads, motion_max_seq_length=32)
-        model = UNetMotionModel.from_unet2d(diffusers_unet(model), motion_adapter).to(device, dtype)
+        model = UNetMotionModel.from_unet2d(peer_unet(model), motion_adapter).to(device, dtype)
         model.freeze_unet2d_params()
         model.enable_gradient_checkpointing()
         model.train()
@@ -86,7 +107,7 @@ def run_case(case, args):
         step = lambda: model(x, t, encoder_hidden_states=context_per_frame).sample.float().square().mean().backward()  # noqa: E731
     elif case == "simda_train":
         model = model.to(device, dtype)
-        simda.freeze_for_training(model)
+        freeze_for_training(model)
         model.gradient_checkpointing = True
         model.train()
         step = lambda: model(x, t, context).float().square().mean().backward()  # noqa: E731

@@ -38,8 +38,9 @@ class CLIPTextConfig:
         return cls(width=128, layers=2, heads=2)
 
 
-def config_from_state_dict(sd) -> CLIPTextConfig:
-    """Infer the config from tensor shapes (keys without the `...text_model.` prefix)."""
+def config_from_state_dict(sd, head_width) -> CLIPTextConfig:
+    """Infer the config from tensor shapes (keys without the `...text_model.` prefix); the heads are
+    `head_width` channels wide, the model family's rule (checkpoint.py), as no shape holds it."""
     for key in ("embeddings.token_embedding.weight", "embeddings.position_embedding.weight"):
         if key not in sd:
             raise ValueError(f"CLIP text state dict has no {key!r}; found keys like {list(sd)[:3]}")
@@ -51,9 +52,11 @@ def config_from_state_dict(sd) -> CLIPTextConfig:
     fc1 = sd["encoder.layers.0.mlp.fc1.weight"].shape
     if tuple(fc1) != (4 * width, width):
         raise ValueError(f"expected mlp.fc1 of shape {(4 * width, width)} (MLP width 4*width), found {tuple(fc1)}")
-    # The head count is not in any shape; SD-1.x CLIP uses 64 channels per head.
+    if width % head_width:
+        raise ValueError(f"the text encoder is {width} wide, which {head_width}-channel heads do not divide: "
+                         "not the model family these weights were taken for")
     return CLIPTextConfig(vocab_size=vocab_size, max_length=max_length, width=width,
-                          layers=len(layer_ids), heads=max(1, width // 64))
+                          layers=len(layer_ids), heads=width // head_width)
 
 
 def from_diffusers(sd):

@@ -36,6 +36,11 @@ def sample_seed(*parts):
     return random.Random(":".join(map(str, parts))).getrandbits(63)
 
 
+def generator(*parts):
+    """A torch CPU generator seeded by `sample_seed(*parts)`: the project's one seeding scheme."""
+    return torch.Generator().manual_seed(sample_seed(*parts))
+
+
 def short_reason(e):
     """imageio's ffmpeg errors carry ffmpeg's whole stderr: keep the first and last lines."""
     lines = [l.strip() for l in str(e).splitlines() if l.strip() and l.strip() != "=== stderr ==="]
@@ -72,7 +77,7 @@ def read_clip(path, frames, stride, height, width, start=None, flip=False, rng=N
                 if count == start + span:
                     break
     except Exception as e:  # any decoder failure makes this one video unusable, nothing more
-        raise VideoError(f"{path}: cannot decode: {short_reason(e)}") from None
+        raise VideoError(f"{path}: cannot decode: {short_reason(e)}") from e
     if len(window) < span or (explicit and count < start + span):
         raise VideoError(f"{path}: too short: {count} frames, need {span + (start if explicit else 0)} "
                          f"({frames} frames {stride} apart" + (f" from frame {start})" if explicit else ")"))

@@ -63,6 +63,16 @@ def invert_step(x_t, eps, t, t_next):
     return step(x_t, eps, t, t_next)  # the eta=0 update is the same formula in either direction
 
 
+def draw_timestep(gen, bias=0.0):
+    """One training timestep [1]: uniform over 0..999 as in SD's training (bias 0), else with density
+    proportional to (t / 1000) ** bias, which favours the noisiest steps, where a sampled video's layout
+    and motion are decided and the eps loss weighs errors least."""
+    if bias == 0:
+        return torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=gen)
+    u = torch.rand(1, generator=gen, dtype=torch.float64)
+    return (u ** (1 / (1 + bias)) * NUM_TRAIN_TIMESTEPS).long().clamp(max=NUM_TRAIN_TIMESTEPS - 1)
+
+
 def add_noise(x0, noise, t):
     """The forward process q(x_t | x0) for training: t is a LongTensor [B], one timestep per sample."""
     a = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t.to(x0.device)]

@@ -14,13 +14,13 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
-import sample
 import shapes
 import simda
+from runtime import Progress
+from video import resolve_shape, save_video
 
 ROWS = [
     ("frozen image model, frame by frame", None),
@@ -40,24 +40,20 @@ def prompts_and_seeds(seeds):
     return [(shapes.caption(*c), s) for s in range(seeds) for c in shapes.COMBINATIONS]
 
 
-def evaluate_row(pipe, jobs, frames, size, steps, guidance, batch_size, save_dir=None):
+def evaluate_row(pipe, jobs, frames, height, width, steps, guidance, batch_size, save_dir=None):
     """Sample and score every (prompt, seed) job; returns the list of score dicts."""
     scores = []
-    start = time.perf_counter()
+    progress = Progress("videos", len(jobs))
     for i in range(0, len(jobs), batch_size):
         batch = jobs[i:i + batch_size]
-        for seed in sorted({s for _, s in batch}):  # generate() takes one seed per call
+        for seed in sorted({s for _, s in batch}):  # a pipeline call takes one seed
             prompts = [p for p, s in batch if s == seed]
-            videos = sample.generate(pipe, prompts, frames, size, size, steps, guidance, seed=seed,
-                                     progress=False).numpy()
+            videos = pipe(prompts, frames, height, width, steps, guidance, seed=seed, progress=False).numpy()
             for prompt, video in zip(prompts, videos):
                 scores.append(shapes.score(video, prompt))
                 if save_dir:
-                    name = f"{len(scores) - 1:03d}-{prompt.replace(' ', '-')}.gif"
-                    sample.save_video(video, os.path.join(save_dir, name))
-        rate = len(scores) / (time.perf_counter() - start)
-        print(f"\r  {len(scores)}/{len(jobs)} videos  {rate:.2f} videos/s", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+                    save_video(video, os.path.join(save_dir, f"{len(scores) - 1:03d}-{prompt.replace(' ', '-')}.gif"))
+        progress.show(len(scores))
     return scores
 
 
@@ -112,15 +108,15 @@ def main(argv=None):
         results, everything = {}, {}
         for name, path in rows:
             meta = simda.read_adapters(path)[1] if path else {}
-            frames = args.frames or int(meta.get("frames", shapes.FRAMES))
-            size = args.size or int(meta.get("height", shapes.SIZE))
-            print(f"{name}: {len(jobs)} videos of {frames} frames at {size}x{size}, {args.steps} DDIM steps, "
+            frames, height, width = resolve_shape(args.frames, args.size, defaults=[
+                meta.get("frames", shapes.FRAMES), meta.get("height", shapes.SIZE), meta.get("width", shapes.SIZE)])
+            print(f"{name}: {len(jobs)} videos of {frames} frames at {width}x{height}, {args.steps} DDIM steps, "
                   f"guidance {args.guidance}", file=sys.stderr, flush=True)
             pipe = simda.load_pipeline(args.ckpt, adapters=path)
             save_dir = os.path.join(args.save_videos, name.replace(" ", "-").replace(",", "")) if args.save_videos else None
             if save_dir:
                 os.makedirs(save_dir, exist_ok=True)
-            scores = evaluate_row(pipe, jobs, frames, size, args.steps, args.guidance, args.batch_size, save_dir)
+            scores = evaluate_row(pipe, jobs, frames, height, width, args.steps, args.guidance, args.batch_size, save_dir)
             results[name], everything[name] = shapes.summarise(scores), scores
             print(table({name: results[name]}).splitlines()[-1], file=sys.stderr, flush=True)
     except ValueError as e:

@@ -3,226 +3,24 @@
     python sample.py "a dog surfing" --adapters out/adapters.safetensors --out dog.gif
     python sample.py "a jeep car is moving on the snow" --edit clip.mp4 --adapters out/adapters.safetensors
 
-Sampling is DDIM (ddim.py) with classifier-free guidance: the conditional and the unconditional
-(negative prompt) noise predictions come from one batched UNet call. The starting noise is drawn on
-the CPU from a generator seeded with --seed and then moved, so the same seed on the same device
-gives the same video. Editing (Tune-A-Video style) encodes a clip with the VAE, DDIM-inverts its
-latents under the source prompt, and samples from those latents with the new prompt.
-
-Library use (notebooks): `frames = generate(pipe, "a dog surfing", frames=16)` -> uint8 [B, F, H, W, 3];
-`save_video(frames[0], "dog.gif")`.
+The sampling itself is simda.Pipeline's (DDIM with classifier-free guidance, seeded CPU noise).
+Editing (Tune-A-Video style) encodes a clip with the VAE, DDIM-inverts its latents under the source
+prompt, and samples from those latents with the new prompt. With no weights configured, the
+built-in demo model in models/ samples moving shapes.
 """
 import argparse
 import os
-import re
 import sys
-import time
 
-import imageio.v2 as imageio
-import numpy as np
-import torch
-from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+import data
 import ddim
 import simda
-from unet import batch_to_frames, frames_to_batch
-from vae import LATENT_SCALE
-
-DEFAULT_FRAMES, DEFAULT_SIZE, DEFAULT_FPS = 16, 256, 8
-
-
-def pick_device(name="auto"):
-    """auto: CUDA if present, else Apple MPS, else the CPU."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if name == "auto":
-        return torch.device(next(kind for kind, ok in available.items() if ok))
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if not available.get(device.type, True):
-        raise ValueError(f"--device {name}: {device.type} is not available in this torch build or on this machine")
-    return device
-
-
-def pick_dtype(name, device):
-    """auto: float16 on CUDA, float32 elsewhere (CPU half kernels are slow, MPS half is fragile)."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
-def size_factor(pipe):
-    """Pixel sizes must be multiples of the VAE's downsampling (SD: 8); the UNet takes any latent size."""
-    return pipe.vae.config.downsample_factor
-
-
-def check_size(pipe, frames, height, width):
-    if frames < 1:
-        raise ValueError(f"frames must be at least 1, got {frames}")
-    factor = size_factor(pipe)
-    if height < 1 or width < 1 or height % factor or width % factor:
-        raise ValueError(f"video size {width}x{height} (width x height) does not fit this model: both must be "
-                         f"positive multiples of {factor}, the VAE's downsampling factor")
-
-
-class Progress:
-    """One self-overwriting line on stderr: `what i/n, it/s, ETA`."""
-
-    def __init__(self, what, total, enabled=True):
-        self.what, self.total, self.enabled, self.done, self.start = what, total, enabled, 0, time.time()
-
-    def tick(self):
-        self.done += 1
-        if not self.enabled:
-            return
-        rate = self.done / max(time.time() - self.start, 1e-9)
-        end = "\n" if self.done == self.total else ""
-        print(f"\r{self.what} {self.done}/{self.total}  {rate:.2f} it/s  ETA {(self.total - self.done) / rate:.0f}s",
-              end=end, file=sys.stderr, flush=True)
-
-
-def model_params(pipe):
-    p = next(pipe.unet.parameters())
-    return p.device, p.dtype
-
-
-@torch.no_grad()
-def text_context(pipe, prompts):
-    device, _ = model_params(pipe)
-    return pipe.text_encoder(pipe.tokenizer(prompts).to(device))
-
-
-def eps_model(pipe, context, guidance):
-    """eps(x, t) with classifier-free guidance. `context` is [uncond; cond] ([2B, 77, D]) when
-    guidance != 1, else just cond. Latents stay float32; the UNet runs in the pipeline's dtype."""
-    _, dtype = model_params(pipe)
-    guided = guidance != 1
-
-    def eps(x, t):
-        x_in = torch.cat([x, x]) if guided else x
-        out = pipe.unet(x_in.to(dtype), t, context).float()
-        if not guided:
-            return out
-        uncond, cond = out.chunk(2)
-        return uncond + guidance * (cond - uncond)
-    return eps
-
-
-@torch.no_grad()
-def denoise(pipe, x, context, steps=50, guidance=7.5, eta=0.0, generator=None, progress=True):
-    """DDIM (ddim.sample) from x (scaled latents [B, 4, F, h, w] at the first timestep) to clean
-    latents (float32), with a progress line. With eta > 0 the step noise comes from `generator`."""
-    return ddim.sample(x.float(), with_progress(eps_model(pipe, context, guidance), "sampling", steps, progress),
-                       steps, eta=eta, generator=generator)
-
-
-def with_progress(eps, what, steps, enabled):
-    """`eps` that also ticks a progress line: one model call per DDIM step."""
-    bar = Progress(what, steps, enabled)
-
-    def eps_with_progress(x, t):
-        out = eps(x, t)
-        bar.tick()
-        return out
-    return eps_with_progress
-
-
-def to_uint8(images):
-    """Images in [-1, 1] -> uint8 levels 0..255 (rounded, clipped), same shape."""
-    return ((images + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
-
-
-@torch.no_grad()
-def decode(pipe, latents):
-    """Scaled latents [B, 4, F, h, w] -> uint8 frames [B, F, H, W, 3] on the CPU (VAE chunked over frames)."""
-    _, dtype = model_params(pipe)
-    images = pipe.vae.decode(frames_to_batch(latents / LATENT_SCALE).to(dtype)).float()
-    images = to_uint8(images).cpu()
-    return batch_to_frames(images, latents.shape[2]).permute(0, 2, 3, 4, 1)  # b 3 f H W -> b f H W 3
-
-
-def generate(pipe, prompts, frames=16, height=256, width=256, steps=50, guidance=7.5, negative="", eta=0.0,
-             seed=0, latents=None, progress=True):
-    """Sample one video per prompt -> uint8 tensor [B, F, H, W, 3]. `latents`: start from these scaled
-    latents [B, 4, F, h, w] (e.g. DDIM-inverted ones) instead of seeded noise."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-        raise ValueError("generate needs at least one prompt")
-    check_size(pipe, frames, height, width)
-    device, _ = model_params(pipe)
-    f = pipe.vae.config.downsample_factor
-    shape = (len(prompts), pipe.vae.config.latent_channels, frames, height // f, width // f)
-    generator = torch.Generator().manual_seed(seed)
-    if latents is None:
-        x = torch.randn(shape, generator=generator).to(device)
-    elif tuple(latents.shape) != shape:
-        raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {len(prompts)} prompt(s), "
-                         f"{frames} frames of {width}x{height}")
-    else:
-        x = latents.float().contiguous().to(device)
-    context = text_context(pipe, prompts)
-    if guidance != 1:
-        context = torch.cat([text_context(pipe, [negative] * len(prompts)), context])
-    x = denoise(pipe, x, context, steps, guidance, eta, generator, progress)
-    return decode(pipe, x)
-
-
-@torch.no_grad()
-def encode_video(pipe, video):
-    """A clip [F, 3, H, W] in [-1, 1] -> scaled latents [1, 4, F, h, w] (the posterior mean)."""
-    device, dtype = model_params(pipe)
-    mean, _ = pipe.vae.encode(video.to(device, dtype))
-    return batch_to_frames(mean.float() * LATENT_SCALE, video.shape[0]).contiguous()
-
-
-@torch.no_grad()
-def invert(pipe, latents, prompt, steps=50, progress=True):
-    """DDIM inversion of clean scaled latents [1, 4, F, h, w] under `prompt`, without guidance, to the
-    noisy latents that `denoise` with the same prompt, steps, guidance 1 and eta 0 maps back to them."""
-    eps = eps_model(pipe, text_context(pipe, [prompt]), guidance=1)
-    return ddim.invert(latents.float(), with_progress(eps, "inverting", steps, progress), steps)
-
-
-def save_video(frames, path, fps=8):
-    """uint8 frames [F, H, W, 3] -> a looping GIF (Pillow; identical consecutive frames are merged, the
-    timing kept) or an H.264 MP4 (imageio-ffmpeg; H and W must be even), chosen by the extension."""
-    frames = np.asarray(frames.cpu() if isinstance(frames, torch.Tensor) else frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".gif":
-        images = [Image.fromarray(f) for f in frames]
-        images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
-    elif ext == ".mp4":
-        height, width = frames.shape[1:3]
-        if height % 2 or width % 2:
-            raise ValueError(f"an MP4 (H.264, yuv420p) needs an even width and height, got {width}x{height}: "
-                             f"write a .gif instead")
-        # FFMPEG: imageio-ffmpeg's plugin; macro_block_size=1 keeps the size (else it resizes to multiples of 16)
-        with imageio.get_writer(path, format="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p",
-                                macro_block_size=1) as writer:
-            for f in frames:
-                writer.append_data(f)
-    else:
-        raise ValueError(f"cannot write {path!r}: the output must end in .gif or .mp4")
-
-
-def save_grid(frames, path):
-    """The frames side by side, left to right, as one PNG strip."""
-    frames = np.asarray(frames.cpu() if isinstance(frames, torch.Tensor) else frames)
-    Image.fromarray(np.concatenate(list(frames), axis=1)).save(path)
-
-
-def output_paths(out, prompts):
-    """One video per prompt: `out` itself for one prompt, else `<stem>-<index>-<slug><ext>`."""
-    if len(prompts) == 1:
-        return [out]
-    stem, ext = os.path.splitext(out)
-    slugs = [re.sub(r"[^a-z0-9]+", "-", p.lower()).strip("-")[:40] or "prompt" for p in prompts]
-    return [f"{stem}-{i:02d}-{slug}{ext}" for i, slug in enumerate(slugs)]
+from checkpoint import CheckpointError, save_safetensors
+from runtime import pick_device, pick_dtype
+from video import (DEFAULT_FPS, DEFAULT_FRAMES, DEFAULT_SIZE, check_output, check_shape, output_paths, resolve_shape,
+                   save_grid, save_video, stack_clips)
 
 
 def read_prompts(args):
@@ -237,29 +35,6 @@ def read_prompts(args):
     return prompts
 
 
-def resolve_shape(args, meta):
-    """--frames/--size/--width/--height, else the values in the adapter (or inverted-latents) metadata,
-    else 16 frames of 256x256."""
-    if args.size is not None and (args.width is not None or args.height is not None):
-        raise ValueError("give either --size or --width/--height, not both")
-    def pick(*values):
-        return int(next(v for v in values if v is not None))
-    frames = pick(args.frames, meta.get("frames"), DEFAULT_FRAMES)
-    height = pick(args.size, args.height, meta.get("height"), DEFAULT_SIZE)
-    width = pick(args.size, args.width, meta.get("width"), DEFAULT_SIZE)
-    if frames < 1:
-        raise ValueError(f"--frames must be at least 1, got {frames}")
-    check_pixel_size(height, width)
-    return frames, height, width
-
-
-def check_pixel_size(height, width):
-    """The command lines' check, before any model loads: SD's VAE needs multiples of 8 (check_size
-    checks a loaded model's own factor)."""
-    if height < 8 or width < 8 or height % 8 or width % 8:
-        raise ValueError(f"video size {width}x{height} (width x height): both must be positive multiples of 8")
-
-
 def read_inverted(path):
     """Inverted latents [1, 4, F, h, w] and their metadata, as `--edit` saved them."""
     if not os.path.isfile(path):
@@ -268,20 +43,19 @@ def read_inverted(path):
         with safe_open(path, framework="pt") as f:
             return f.get_tensor("latents"), dict(f.metadata() or {})
     except Exception as e:
-        raise ValueError(f"{path} is not an inverted-latents file from sample.py --edit: {e}") from None
+        raise ValueError(f"{path} is not an inverted-latents file from sample.py --edit: {e}") from e
 
 
 def edit_latents(args, pipe, meta, frames, height, width):
     """The starting latents for editing: DDIM inversion of --edit's clip (saved beside the output), or --inverted's."""
     if args.inverted:
-        return read_inverted(args.inverted)[0]  # generate checks its shape
-    import data  # only editing reads videos
+        return read_inverted(args.inverted)[0]  # the pipeline checks its shape
     source = args.source_prompt if args.source_prompt is not None else meta.get("prompt")
     if source is None:
         raise ValueError("--edit needs the prompt the clip is described by: pass --source-prompt (the adapter "
                          "file has no 'prompt' metadata)")
     stride = args.stride if args.stride is not None else int(meta.get("stride", 1))
-    video = data.read_clip(args.edit, frames, stride, height, width, start=0)
+    clip = data.read_clip(args.edit, frames, stride, height, width, start=0)
     steps = args.inversion_steps if args.inversion_steps is not None else args.steps
     ends, starts = ddim.timesteps(steps)[0], ddim.timesteps(args.steps)[0]
     if ends != starts:
@@ -289,12 +63,11 @@ def edit_latents(args, pipe, meta, frames, height, width):
               f"--inversion-steps as --steps to stay close to the clip", file=sys.stderr)
     print(f"inverting {args.edit} ({frames} frames, stride {stride}, {width}x{height}) under {source!r}, "
           f"{steps} DDIM steps", file=sys.stderr)
-    latents = invert(pipe, encode_video(pipe, video), source, steps).cpu()
+    latents = pipe.invert(pipe.encode(stack_clips([clip])), source, steps).cpu()
     path = os.path.splitext(args.out)[0] + ".inverted.safetensors"
     info = {"clip": args.edit, "source_prompt": source, "inversion_steps": str(steps), "stride": str(stride),
             "frames": str(frames), "height": str(height), "width": str(width)}
-    save_file({"latents": latents.contiguous()}, path + ".tmp", metadata=info)
-    os.replace(path + ".tmp", path)
+    save_safetensors({"latents": latents}, path, metadata=info)
     print(f"saved the inverted latents to {path} (reuse them with --inverted)", file=sys.stderr)
     return latents
 
@@ -343,7 +116,7 @@ def pick_models(args):
         return args.ckpt, args.adapters
     try:
         return simda.default_checkpoint(), args.adapters
-    except simda.CheckpointError:
+    except CheckpointError:
         if os.environ.get("SIMDA_CKPT") or not os.path.exists(simda.DEMO_CHECKPOINT):
             raise  # weights were asked for by name, or the demo model is not there either
     print(f"no SD weights found: using the built-in demo model (moving shapes at 32x32, prompts like 'a red circle "
@@ -357,8 +130,7 @@ def run(args):
     ddim.timesteps(args.steps)  # check the step counts before loading anything
     if args.inversion_steps is not None:
         ddim.timesteps(args.inversion_steps)
-    if os.path.splitext(args.out)[1].lower() not in (".gif", ".mp4"):
-        raise ValueError(f"cannot write {args.out!r}: the output must end in .gif or .mp4")
+    check_output(args.out)
     if args.fps is not None and args.fps < 1:
         raise ValueError(f"--fps must be at least 1, got {args.fps}")
     ckpt, adapters = pick_models(args)
@@ -366,7 +138,9 @@ def run(args):
     if args.inverted:  # the inverted latents fix the shape; their metadata is what --edit used
         shape = read_inverted(args.inverted)[1]
         meta = {**meta, **{k: shape[k] for k in ("frames", "height", "width") if k in shape}}
-    frames, height, width = resolve_shape(args, meta)
+    frames, height, width = resolve_shape(args.frames, args.size, args.height, args.width,
+                                          defaults=[meta.get(k, d) for k, d in (("frames", DEFAULT_FRAMES),
+                                                    ("height", DEFAULT_SIZE), ("width", DEFAULT_SIZE))])
     fps = args.fps or int(meta.get("fps", DEFAULT_FPS))
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
@@ -374,14 +148,14 @@ def run(args):
     pipe = simda.load_pipeline(ckpt, device, dtype, adapters=adapters)
     if not adapters:
         print("no --adapters: the plain image model samples every frame on its own", file=sys.stderr)
-    check_size(pipe, frames, height, width)
+    check_shape(frames, height, width, pipe.vae.config.downsample_factor)
     latents = edit_latents(args, pipe, meta, frames, height, width) if args.edit or args.inverted else None
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     for prompt, path in zip(prompts, output_paths(args.out, prompts)):
         print(f"{prompt!r}: {frames} frames of {width}x{height}, {args.steps} steps, guidance {args.guidance}",
               file=sys.stderr)
-        video = generate(pipe, prompt, frames, height, width, args.steps, args.guidance, args.negative, args.eta,
-                         args.seed, latents)[0]
+        video = pipe(prompt, frames, height, width, args.steps, args.guidance, args.negative, args.eta, args.seed,
+                     latents)[0]
         save_video(video, path, fps)
         if args.grid:
             save_grid(video, os.path.splitext(path)[0] + ".png")
@@ -393,7 +167,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         run(args)
-    except ValueError as e:  # simda.CheckpointError and data.VideoError are ValueErrors
+    except ValueError as e:  # checkpoint.CheckpointError and data.VideoError are ValueErrors
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 

@@ -15,7 +15,8 @@ noise) is seeded by (--seed, global sample index), so --resume continues a run e
 torchrun job with N ranks, each taking every N-th sample of the global batch, computes what a single
 process with the same --batch-size computes. --out holds adapters.safetensors (the adapters and
 their metadata), state.pt (adapters, optimizer and step: what --resume reads), log.jsonl (the loss
-of every step) and samples/ (validation GIFs).
+of every step) and samples/ (validation GIFs). Every file is written atomically and the log is cut
+back to the saved step on --resume, so a run killed at any instant resumes to the same result.
 """
 import argparse
 import contextlib
@@ -24,8 +25,9 @@ import json
 import math
 import os
 import random
+import shlex
 import sys
-import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -33,11 +35,14 @@ import torch.nn.functional as F
 
 import data
 import ddim
-import sample
 import shapes
 import simda
 import vae as vae_module
+from adapters import adapter_state_dict, freeze_for_training, trainable_summary
+from checkpoint import CheckpointError, load_torch, remove_temporaries, save_torch, write_atomic
+from runtime import Progress, autocast_dtype, pick_device
 from vae import LATENT_SCALE
+from video import DEFAULT_FRAMES, DEFAULT_SIZE, check_shape, output_paths, resolve_shape, save_video, stack_clips
 
 
 def build_parser():
@@ -54,12 +59,12 @@ def build_parser():
                                                   f"image model {simda.DEMO_CHECKPOINT}")
     p.add_argument("--out", default="out/train", help="output folder (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out (state.pt) up to --steps")
-    p.add_argument("--frames", type=int, help=f"frames per clip (default: 16; with --data shapes {shapes.FRAMES})")
+    p.add_argument("--frames", type=int, help=f"frames per clip (default: {DEFAULT_FRAMES}; with --data shapes {shapes.FRAMES})")
     p.add_argument("--stride", type=int, default=4, help="take every stride-th frame of the video (default: %(default)s)")
-    p.add_argument("--size", type=int, help="square frame size in pixels, a multiple of 8 (default: 256; with --data "
-                                            f"shapes {shapes.SIZE})")
-    p.add_argument("--width", type=int, help="frame width, with --height instead of --size (default: 256)")
-    p.add_argument("--height", type=int, help="frame height, with --width instead of --size (default: 256)")
+    p.add_argument("--size", type=int, help=f"square frame size in pixels, a multiple of 8 (default: {DEFAULT_SIZE}; "
+                                            f"with --data shapes {shapes.SIZE})")
+    p.add_argument("--width", type=int, help=f"frame width, with --height instead of --size (default: {DEFAULT_SIZE})")
+    p.add_argument("--height", type=int, help=f"frame height, with --width instead of --size (default: {DEFAULT_SIZE})")
     p.add_argument("--hflip", action="store_true", help="flip half of the clips horizontally")
     p.add_argument("--caption-dropout", type=float, default=0.1,
                    help="fraction of captions replaced by the empty prompt, for guidance (default: %(default)s)")
@@ -95,33 +100,36 @@ def build_parser():
 
 
 def check_args(args):
+    """The run's settings, checked before anything is loaded: a copy of `args` with the video shape resolved."""
     if args.video is not None and not args.prompt:
         raise ValueError("--video needs --prompt, the caption of the clip")
-    if args.size is not None and (args.width is not None or args.height is not None):
-        raise ValueError("give either --size or --width/--height, not both")
     shapes_world = args.data == "shapes"
-    args.frames = args.frames if args.frames is not None else shapes.FRAMES if shapes_world else 16
-    args.height = args.height or args.size or (shapes.SIZE if shapes_world else 256)
-    args.width = args.width or args.size or (shapes.SIZE if shapes_world else 256)
-    if shapes_world and args.height != args.width:
-        raise ValueError(f"--data shapes makes square videos: use --size, not {args.width}x{args.height}")
+    default = (shapes.FRAMES, shapes.SIZE, shapes.SIZE) if shapes_world else (DEFAULT_FRAMES, DEFAULT_SIZE, DEFAULT_SIZE)
+    frames, height, width = resolve_shape(args.frames, args.size, args.height, args.width, defaults=default)
+    if shapes_world and height != width:
+        raise ValueError(f"--data shapes makes square videos: use --size, not {width}x{height}")
     if shapes_world and args.hflip:
         raise ValueError("--hflip would mirror the shapes' motion but not their captions ('moving left'): drop it")
     if shapes_world and args.cache_latents:
         raise ValueError("--cache-latents needs a fixed set of videos; --data shapes makes fresh ones every step")
-    sample.check_pixel_size(args.height, args.width)
-    for name in ("frames", "stride", "steps", "batch_size", "save_every", "log_every", "val_steps"):
+    for name in ("stride", "steps", "batch_size", "save_every", "log_every", "val_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not args.timestep_bias >= 0:
         raise ValueError(f"--timestep-bias must be >= 0, got {args.timestep_bias}")
     if not 0 <= args.caption_dropout <= 1:
         raise ValueError(f"--caption-dropout must be in [0, 1], got {args.caption_dropout}")
+    if args.video is not None and not os.path.isfile(args.video):
+        raise ValueError(f"--video {args.video} does not exist")
+    if os.path.exists(os.path.join(args.out, "state.pt")) != bool(args.resume):
+        raise ValueError(f"--resume: no saved run in {args.out} (no state.pt)" if args.resume else
+                         f"{args.out} already holds a run (state.pt): pass --resume to continue it, or another --out")
+    return argparse.Namespace(**{**vars(args), "frames": frames, "height": height, "width": width})
 
 
 def setup(args):
     """(rank, world size, device); under torchrun (RANK/WORLD_SIZE set) also the process group."""
-    device = sample.pick_device(args.device)
+    device = pick_device(args.device)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1, device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -132,53 +140,111 @@ def setup(args):
     return rank, world, device
 
 
-def autocast_dtype(args, device):
-    if args.precision == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    dtype = getattr(torch, args.precision)
-    if dtype != torch.float32 and device.type != "cuda":
-        raise ValueError(f"--precision {args.precision} needs CUDA; this run is on {device.type}")
-    return dtype
+def make_dataset(args, rank):
+    if args.data == "shapes":
+        return data.ShapesDataset(args.frames, args.height, args.seed, args.caption_dropout)
+    # one-shot: always the same clip, from frame 0, which is what sample.py --edit inverts
+    items = [(args.video, args.prompt)] if args.video else data.find_videos(args.data)
+    return data.Dataset(items, args.frames, args.stride, args.height, args.width, args.seed, args.caption_dropout,
+                        args.hflip, random_start=args.video is None, rank=rank)
 
 
-def clock(seconds):
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+@dataclass
+class Run:
+    """Everything a training run holds; `step` is the number of optimizer steps done."""
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    ckpt: str
+    config: dict  # the settings a resumed run should keep
+    dataset: object
+    pipe: simda.Pipeline
+    model: torch.nn.Module  # the UNet, or its DistributedDataParallel wrapper
+    params: list
+    optimizer: torch.optim.Optimizer
+    scaler: object
+    autocast: object
+    cache: dict = None
+    log: object = None
+    progress: Progress = None
+    step: int = 0
+    saved: int = 0
 
 
-def generator(*parts):
-    return torch.Generator().manual_seed(data.sample_seed(*parts))
+def build_run(args):
+    """Check the settings, read what --resume continues, load the frozen SD with fresh adapters, and
+    open the output folder."""
+    args = check_args(args)
+    state = load_state(args.out) if args.resume else None  # an unreadable state.pt fails before anything else
+    rank, world, device = setup(args)
+    dtype = autocast_dtype(args.precision, device)
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    ckpt = args.ckpt or (simda.DEMO_CHECKPOINT if args.data == "shapes" else simda.default_checkpoint())
+    if not os.path.exists(ckpt):
+        raise CheckpointError(f"checkpoint not found: {ckpt}")
+    dataset = make_dataset(args, rank)
+    dataset.check_readable()  # before any model is loaded
+
+    torch.manual_seed(args.seed)  # the adapters' initialisation
+    simda_config = simda.SimDAConfig(spatial_adapters=not args.no_spatial_adapters,
+                                     temporal_adapters=not args.no_temporal_adapters, latent_shift=not args.no_latent_shift)
+    pipe = simda.load_pipeline(ckpt, device, torch.float32, simda_config=simda_config)
+    check_shape(args.frames, args.height, args.width, pipe.vae.config.downsample_factor)
+    pipe.unet.gradient_checkpointing = args.gradient_checkpointing
+    params = freeze_for_training(pipe.unet)
+    model = pipe.unet
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    config = dict(batch_size=args.batch_size, seed=args.seed, frames=args.frames, stride=args.stride, height=args.height,
+                  width=args.width, caption_dropout=args.caption_dropout, hflip=args.hflip, lr=args.lr,
+                  timestep_bias=args.timestep_bias, cache_latents=args.cache_latents, data=args.data or args.video,
+                  simda_config=dataclasses.asdict(simda_config))
+    run = Run(args, rank, world, device, ckpt, config, dataset, pipe, model, params,
+              torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay),
+              torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
+              (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext)
+    if state is not None:
+        resume(run, state)
+    if args.cache_latents:
+        run.cache = cache_latents(pipe, dataset, args.seed, rank, world, device)
+    if rank == 0:
+        open_output(run, dtype)
+    return run
 
 
-def draw_timestep(gen, bias=0.0):
-    """One training timestep [1]: uniform over 0..999 as in SD's training (bias 0), else with density
-    proportional to (t / 1000) ** bias, which favours the noisiest steps, where a sampled video's layout
-    and motion are decided and the eps loss weighs errors least."""
-    if bias == 0:
-        return torch.randint(0, ddim.NUM_TRAIN_TIMESTEPS, (1,), generator=gen)
-    u = torch.rand(1, generator=gen, dtype=torch.float64)
-    return (u ** (1 / (1 + bias)) * ddim.NUM_TRAIN_TIMESTEPS).long().clamp(max=ddim.NUM_TRAIN_TIMESTEPS - 1)
+def open_output(run, dtype):
+    """Rank 0: the output folder without leftovers of a killed write, the log cut back to the saved
+    step, and the run's first lines."""
+    args = run.args
+    os.makedirs(args.out, exist_ok=True)
+    for name in remove_temporaries(args.out):
+        print(f"removed {os.path.join(args.out, name)}, left by an interrupted write", file=sys.stderr)
+    run.log = start_log(os.path.join(args.out, "log.jsonl"), run.step)
+    run.progress = Progress("step", args.steps, done=run.step, redraw=False)
+    source = "fresh shapes-world videos" if args.data == "shapes" else f"{len(run.dataset)} videos"
+    stride = "" if args.data == "shapes" else f" (stride {args.stride})"
+    print(f"{source}, {args.frames} frames of {args.width}x{args.height}{stride}, global batch {args.batch_size} on "
+          f"{run.world} process(es), {run.device}, precision {str(dtype).removeprefix('torch.')}")
+    print(trainable_summary(run.pipe.unet), flush=True)
 
 
 @torch.no_grad()
 def make_inputs(pipe, batch, gs, seed, device, timestep_bias=0.0):
     """(noisy latents, timesteps, noise, text context) for the samples gs: [(clip or (mean, logvar), caption)]."""
     clips, captions = zip(*batch)
-    context = pipe.text_encoder(pipe.tokenizer(list(captions)).to(device))
-    if isinstance(clips[0], tuple):  # cached posterior moments [F, 4, h, w]
+    context = pipe.text_context(list(captions))
+    if isinstance(clips[0], tuple):  # cached posterior moments, each [4, F, h, w]
         mean, logvar = (torch.stack(m).to(device) for m in zip(*clips))
     else:
-        video = torch.stack(clips).to(device)  # [b, F, 3, H, W]
-        mean, logvar = (m.float().unflatten(0, video.shape[:2]) for m in pipe.vae.encode(video.flatten(0, 1)))
-    latents = torch.stack([vae_module.sample(m, lv, generator(seed, "posterior", g))
+        mean, logvar = (m.float() for m in pipe.vae.encode_video(stack_clips(clips).to(device)))
+    latents = torch.stack([vae_module.sample(m, lv, data.generator(seed, "posterior", g))
                            for m, lv, g in zip(mean, logvar, gs)]) * LATENT_SCALE
-    latents = latents.permute(0, 2, 1, 3, 4)  # b f c h w -> b c f h w
-    gens = [generator(seed, "noise", g) for g in gs]
-    t = torch.cat([draw_timestep(gen, timestep_bias) for gen in gens])
+    gens = [data.generator(seed, "noise", g) for g in gs]
+    t = torch.cat([ddim.draw_timestep(gen, timestep_bias) for gen in gens]).to(device)
     noise = torch.stack([torch.randn(latents.shape[1:], generator=gen) for gen in gens]).to(device)
-    return ddim.add_noise(latents, noise, t.to(device)), t.to(device), noise, context
+    return ddim.add_noise(latents, noise, t), t, noise, context
 
 
 @torch.no_grad()
@@ -188,7 +254,7 @@ def cache_latents(pipe, dataset, seed, rank, world, device):
     for idx in range(rank, len(dataset), world):
         clip = dataset.read(idx, random.Random(data.sample_seed(seed, "cache", idx))) if idx not in dataset.bad else None
         if clip is not None:
-            cache[idx] = tuple(m.float().cpu() for m in pipe.vae.encode(clip.to(device)))
+            cache[idx] = tuple(m[0].float().cpu() for m in pipe.vae.encode_video(stack_clips([clip]).to(device)))
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, (cache, dataset.bad))
@@ -200,183 +266,176 @@ def cache_latents(pipe, dataset, seed, rank, world, device):
     return cache
 
 
-def save(args, unet, optimizer, scaler, step, ckpt, config):
-    """adapters.safetensors (for sample.py) and state.pt (for --resume), each written atomically."""
-    meta = dict(frames=args.frames, stride=args.stride, height=args.height, width=args.width, checkpoint=ckpt, step=step)
+def train_step(run):
+    """One optimizer step on this rank's share of the global batch; returns the loss, averaged over the ranks."""
+    args = run.args
+    gs = [run.step * args.batch_size + j for j in range(run.rank, args.batch_size, run.world)]  # this rank's samples
+    with run.autocast():
+        noisy, t, noise, context = make_inputs(run.pipe, [run.dataset.sample(g, run.cache) for g in gs], gs, args.seed,
+                                               run.device, args.timestep_bias)
+        loss = F.mse_loss(run.model(noisy, t, context).float(), noise)
+    value = loss.detach().clone()
+    if run.world > 1:
+        dist.all_reduce(value)
+        value /= run.world
+    value = value.item()
+    if not math.isfinite(value):
+        saved = f"the last good checkpoint is {os.path.join(args.out, 'adapters.safetensors')} at step {run.saved}" \
+            if run.saved else "nothing saved yet"
+        raise FloatingPointError(f"the loss is {value} at step {run.step + 1}: stopping; {saved}")
+    run.optimizer.zero_grad(set_to_none=True)
+    (run.scaler.scale(loss) if run.scaler else loss).backward()
+    if run.scaler:
+        run.scaler.unscale_(run.optimizer)
+    if args.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(run.params, args.max_grad_norm)
+    if run.scaler:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.step += 1
+    return value
+
+
+def after_step(run, loss):
+    """Log the step, print progress, save and validate when due."""
+    args, step = run.args, run.step
+    if run.rank == 0:
+        run.log.write(json.dumps({"step": step, "loss": loss, "lr": args.lr, "time": round(run.progress.elapsed(), 3)}) + "\n")
+        run.log.flush()
+        if step % args.log_every == 0 or step in (run.progress.first + 1, args.steps):
+            skipped = f"  skipped {len(run.dataset.bad)}" if run.dataset.bad else ""
+            run.progress.show(step, f"loss {loss:.4f}{skipped}")
+    if step % args.save_every == 0 or step == args.steps:
+        if run.rank == 0:
+            save(run)
+        run.saved = step
+    if args.val_prompt and args.sample_every > 0 and (step % args.sample_every == 0 or step == args.steps):
+        validate(run)
+
+
+def save(run):
+    """adapters.safetensors (for sample.py) and state.pt (for --resume), each written atomically,
+    after the log lines up to this step are on the disk."""
+    args = run.args
+    os.fsync(run.log.fileno())
+    meta = dict(frames=args.frames, stride=args.stride, height=args.height, width=args.width, checkpoint=run.ckpt,
+                step=run.step)
     if args.video:
         meta.update(prompt=args.prompt, video=args.video)
     if args.data == "shapes":
         meta.update(fps=shapes.FPS)
-    simda.save_adapters(unet, os.path.join(args.out, "adapters.safetensors"), **meta)
-    state = dict(step=step, adapters={k: v.cpu() for k, v in simda.adapter_state_dict(unet).items()},
-                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else {}, config=config)
-    path = os.path.join(args.out, "state.pt")
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    simda.save_adapters(run.pipe.unet, os.path.join(args.out, "adapters.safetensors"), **meta)
+    state = dict(step=run.step, adapters={k: v.cpu() for k, v in adapter_state_dict(run.pipe.unet).items()},
+                 optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict() if run.scaler else {},
+                 config=run.config)
+    save_torch(state, os.path.join(args.out, "state.pt"))
 
 
-def resume(args, unet, optimizer, scaler, config):
-    path = os.path.join(args.out, "state.pt")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    simda.load_adapters(unet, state["adapters"], path)
-    optimizer.load_state_dict(state["optimizer"])
-    if scaler and state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
-    changed = [f"{k} {v} -> {config.get(k)}" for k, v in state["config"].items() if config.get(k) != v]
+def load_state(out):
+    path = os.path.join(out, "state.pt")
+    state = load_torch(path)
+    if not isinstance(state, dict) or not {"step", "adapters", "optimizer", "config"} <= state.keys():
+        raise CheckpointError(f"{path} is not a training state saved by train.py (found {type(state).__name__})")
+    return state
+
+
+def resume(run, state):
+    path = os.path.join(run.args.out, "state.pt")
+    simda.load_adapters(run.pipe.unet, state["adapters"], path)
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scaler and state["scaler"]:
+        run.scaler.load_state_dict(state["scaler"])
+    changed = [f"{k} {v} -> {run.config.get(k)}" for k, v in state["config"].items() if run.config.get(k) != v]
     if changed:
         print(f"warning: resuming with other settings ({', '.join(changed)}): the run will not continue exactly",
               file=sys.stderr)
-    return state["step"]
+    run.step = run.saved = state["step"]
 
 
-def start_log(args, step, rank):
-    """log.jsonl, cut back to `step` (a run can log past its last save) or started afresh."""
-    path = os.path.join(args.out, "log.jsonl")
-    if rank != 0:
-        return None
-    lines = []
+def start_log(path, step):
+    """log.jsonl, rewritten atomically to hold the lines of steps 1..`step` only (a run logs steps
+    after its last save, and a kill can tear the last line), then open for appending."""
+    kept = []
     if step and os.path.exists(path):
         with open(path) as f:
-            lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
-    log = open(path, "w")
-    log.writelines(lines)
-    return log
+            for number, line in enumerate(f, 1):
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    print(f"warning: {path}: dropped line {number}, which is not complete JSON (torn by a kill?)",
+                          file=sys.stderr)
+                    continue
+                if entry["step"] <= step:
+                    kept.append(json.dumps(entry) + "\n")
+    write_atomic(path, lambda tmp: open(tmp, "w").writelines(kept))
+    return open(path, "a")
 
 
-def validate(args, pipe, step, autocast):
-    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-    with autocast():
-        videos = sample.generate(pipe, args.val_prompt, args.frames, args.height, args.width, args.val_steps,
-                                 seed=args.seed, progress=False)
-    for path, video in zip(sample.output_paths(os.path.join(args.out, "samples", f"step{step:06d}.gif"),
-                                               args.val_prompt), videos):
-        sample.save_video(video, path)
-    print(f"step {step}: wrote {len(videos)} validation GIF(s) to {os.path.join(args.out, 'samples')}", flush=True)
+def validate(run):
+    """Sample the validation prompts; every rank takes its share, so none waits long in a collective."""
+    args = run.args
+    folder = os.path.join(args.out, "samples")
+    paths = output_paths(os.path.join(folder, f"step{run.step:06d}.gif"), args.val_prompt)
+    mine = list(range(run.rank, len(args.val_prompt), run.world))
+    if not mine:
+        return
+    os.makedirs(folder, exist_ok=True)
+    with run.autocast():
+        videos = run.pipe([args.val_prompt[i] for i in mine], args.frames, args.height, args.width, args.val_steps,
+                          seed=args.seed, progress=False)
+    for i, video in zip(mine, videos):
+        save_video(video, paths[i])
+    print(f"step {run.step}: wrote {len(mine)} validation GIF(s) to {folder}", flush=True)
+
+
+def finish(run):
+    bad = [run.dataset.bad]
+    if run.world > 1:
+        bad = [None] * run.world
+        dist.all_gather_object(bad, run.dataset.bad)
+    if run.rank == 0:
+        run.log.close()
+        skipped = len(set().union(*bad))
+        print(f"done: adapters in {os.path.join(run.args.out, 'adapters.safetensors')}"
+              + ("" if run.args.data == "shapes" else f"; {skipped} of {len(run.dataset)} videos skipped "
+                                                      "(unreadable or too short)"), flush=True)
 
 
 def train(args):
-    check_args(args)
-    rank, world, device = setup(args)
-    dtype = autocast_dtype(args, device)
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    ckpt = args.ckpt or (simda.DEMO_CHECKPOINT if args.data == "shapes" else simda.default_checkpoint())
-    if not os.path.exists(ckpt):
-        raise simda.CheckpointError(f"checkpoint not found: {ckpt}")
-    if os.path.exists(os.path.join(args.out, "state.pt")) != bool(args.resume):
-        raise ValueError(f"--resume: no saved run in {args.out} (no state.pt)" if args.resume else
-                         f"{args.out} already holds a run (state.pt): pass --resume to continue it, or another --out")
-    if args.video:  # one-shot: always the same clip, from frame 0, which is what sample.py --edit inverts
-        if not os.path.isfile(args.video):
-            raise ValueError(f"--video {args.video} does not exist")
-        items = [(args.video, args.prompt)]
-    if args.data == "shapes":
-        dataset = data.ShapesDataset(args.frames, args.height, args.seed, args.caption_dropout)
-    else:
-        dataset = data.Dataset(items if args.video else data.find_videos(args.data), args.frames, args.stride,
-                               args.height, args.width, args.seed, args.caption_dropout, args.hflip,
-                               random_start=args.video is None, rank=rank)
-    dataset.check_readable()  # before any model is loaded
-
-    torch.manual_seed(args.seed)  # the adapters' initialisation
-    simda_config = simda.SimDAConfig(spatial_adapters=not args.no_spatial_adapters,
-                                     temporal_adapters=not args.no_temporal_adapters, latent_shift=not args.no_latent_shift)
-    pipe = simda.load_pipeline(ckpt, device, torch.float32, simda_config=simda_config)
-    sample.check_size(pipe, args.frames, args.height, args.width)
-    unet = pipe.unet
-    unet.gradient_checkpointing = args.gradient_checkpointing
-    params = simda.freeze_for_training(unet)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    config = dict(batch_size=args.batch_size, seed=args.seed, frames=args.frames, stride=args.stride, height=args.height,
-                  width=args.width, caption_dropout=args.caption_dropout, hflip=args.hflip, lr=args.lr,
-                  timestep_bias=args.timestep_bias, cache_latents=args.cache_latents, data=args.data or args.video,
-                  simda_config=dataclasses.asdict(simda_config))
-    step = resume(args, unet, optimizer, scaler, config) if args.resume else 0
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        source = "fresh shapes-world videos" if args.data == "shapes" else f"{len(dataset)} videos"
-        stride = "" if args.data == "shapes" else f" (stride {args.stride})"
-        print(f"{source}, {args.frames} frames of {args.width}x{args.height}{stride}, "
-              f"global batch {args.batch_size} on {world} process(es), {device}, precision {str(dtype).removeprefix('torch.')}")
-        print(simda.trainable_summary(unet), flush=True)
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
-    cache = cache_latents(pipe, dataset, args.seed, rank, world, device) if args.cache_latents else None
-    model = unet
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
-    log = start_log(args, step, rank)
-    first, saved, start_time = step, step, time.perf_counter()
-    while step < args.steps:
-        gs = [step * args.batch_size + j for j in range(rank, args.batch_size, world)]  # this rank's samples
-        with autocast():
-            noisy, t, noise, context = make_inputs(pipe, [dataset.sample(g, cache) for g in gs], gs, args.seed, device,
-                                                       args.timestep_bias)
-            loss = F.mse_loss(model(noisy, t, context).float(), noise)
-        value = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(value)
-            value /= world
-        value = value.item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"the loss is {value} at step {step + 1}: stopping; the last good checkpoint "
-                                     f"is {os.path.join(args.out, 'adapters.safetensors')} at step {saved}"
-                                     if saved else f"the loss is {value} at step {step + 1}: stopping (nothing saved yet)")
-        optimizer.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.unscale_(optimizer)
-        if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        step += 1
-        if rank == 0:
-            elapsed = time.perf_counter() - start_time
-            log.write(json.dumps({"step": step, "loss": value, "lr": args.lr, "time": round(elapsed, 3)}) + "\n")
-            log.flush()
-            if step % args.log_every == 0 or step in (first + 1, args.steps):
-                rate = (step - first) / elapsed
-                skipped = f"  skipped {len(dataset.bad)}" if dataset.bad else ""
-                print(f"step {step}/{args.steps}  loss {value:.4f}  {rate:.2f} it/s  "
-                      f"ETA {clock((args.steps - step) / rate)}{skipped}", flush=True)
-        if step % args.save_every == 0 or step == args.steps:
-            if rank == 0:
-                save(args, unet, optimizer, scaler, step, ckpt, config)
-            saved = step
-        if rank == 0 and args.val_prompt and args.sample_every > 0 and (step % args.sample_every == 0 or step == args.steps):
-            validate(args, pipe, step, autocast)
-    finish(args, unet, dataset, rank, world, log)
+    """Train the adapters as `args` (train.py's flags) say; returns the finished Run."""
+    run = build_run(args)
+    while run.step < run.args.steps:
+        after_step(run, train_step(run))
+    finish(run)
+    return run
 
 
-def finish(args, unet, dataset, rank, world, log):
-    bad = [dataset.bad]
-    if world > 1:
-        bad = [None] * world
-        dist.all_gather_object(bad, dataset.bad)
-    if os.environ.get("SIMDA_RANK_ADAPTERS"):  # tests: every rank dumps its adapters, to compare the ranks
-        os.makedirs(os.environ["SIMDA_RANK_ADAPTERS"], exist_ok=True)
-        simda.save_adapters(unet, os.path.join(os.environ["SIMDA_RANK_ADAPTERS"], f"rank{rank}.safetensors"))
-    if rank == 0:
-        if log:
-            log.close()
-        skipped = len(set().union(*bad))
-        print(f"done: adapters in {os.path.join(args.out, 'adapters.safetensors')}"
-              + ("" if args.data == "shapes" else f"; {skipped} of {len(dataset)} videos skipped (unreadable or too short)"),
-              flush=True)
+def interrupted(args, argv):
+    """The one line a Ctrl-C ends with: what is saved, and how to go on."""
+    path = os.path.join(args.out, "state.pt")
+    command = "python train.py " + " ".join(shlex.quote(a) for a in argv if a != "--resume") + " --resume"
+    try:
+        saved = f"the last saved step is {load_torch(path)['step']} ({path})" if os.path.exists(path) else None
+    except CheckpointError:
+        saved = None
+    if saved is None:
+        return f"interrupted before the first save (--save-every {args.save_every}): nothing is saved\n"
+    return f"interrupted: {saved}; continue with: {command}\n"
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         train(args)
+    except KeyboardInterrupt:
+        parser.exit(130, interrupted(args, argv) if int(os.environ.get("RANK", 0)) == 0 else "")
     except FloatingPointError as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")
-    except ValueError as e:  # simda.CheckpointError and data.VideoError are ValueErrors
+    except ValueError as e:  # checkpoint.CheckpointError and data.VideoError are ValueErrors
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     finally:
         if dist.is_initialized():

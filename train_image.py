@@ -14,11 +14,8 @@ the SD-1.5 checkpoint:
    captions dropped 10% of the time (for guidance), and an EMA of the weights, which is what is
    saved. Each frame keeps its video's caption, motion words included.
    The CLIP text encoder keeps its seeded random initialisation unless --train-text-encoder is
-   given. Trained with the UNet on single frames, where the motion words predict nothing, it learns
-   to drop them: in such a run "moving left" and "moving right" changed the states after the
-   motion word by 0.2% (colour words: 50%), so the UNet's cross-attention, and any adapter after it,
-   could hardly tell them apart. A random encoder mixes every word into every later state, which
-   is the part of CLIP's pretraining that SimDA relies on: the text already tells motions apart.
+   given: a random encoder mixes every word into every later state, so the text already tells the
+   motions apart, the part of CLIP's pretraining that SimDA relies on (README: "What it took").
 Each stage saves its result atomically under --out; a stage whose file exists is not run again.
 At the end of each stage a check is printed: the tracker's scores on VAE reconstructions, and on
 images sampled from the captions.
@@ -27,7 +24,6 @@ import argparse
 import copy
 import math
 import os
-import time
 
 import numpy as np
 import torch
@@ -37,12 +33,14 @@ from safetensors.torch import load_file, save_file
 import clip_text
 import data
 import ddim
-import sample
 import shapes
 import simda
 import unet as unet_module
 import vae as vae_module
+from checkpoint import ldm_state_dict, save_safetensors
+from runtime import Progress
 from vae import LATENT_SCALE
+from video import to_uint8
 
 
 def configs():
@@ -59,23 +57,11 @@ def frames(start, count, seed, size):
     return data.resize_crop(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float(), size, size), list(captions)
 
 
-def save_atomic(tensors, path, metadata=None):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path + ".tmp", metadata=metadata)
-    os.replace(path + ".tmp", path)
-
-
-def progress(what, step, steps, loss, start):
-    rate = step / (time.perf_counter() - start)
-    print(f"{what} step {step}/{steps}  loss {loss:.4f}  {rate:.2f} it/s  ETA {(steps - step) / rate / 60:.1f} min",
-          flush=True)
-
-
 def train_vae(args):
     config = configs()[0]
     vae = vae_module.AutoencoderKL(config)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    start = time.perf_counter()
+    progress = Progress("vae step", args.vae_steps, redraw=False)
     for step in range(1, args.vae_steps + 1):
         x, _ = frames((step - 1) * args.vae_batch_size, args.vae_batch_size, args.seed, args.size)
         mean, logvar = vae.encode(x)
@@ -87,11 +73,11 @@ def train_vae(args):
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
         if step % args.log_every == 0 or step == args.vae_steps:
-            progress("vae", step, args.vae_steps, loss.item(), start)
+            progress.show(step, f"loss {loss.item():.4f}")
     vae.eval().requires_grad_(False)
     scale = rescale_latents(vae, args.seed, args.size)
     print(f"vae: latents rescaled by {scale:.4f} so that LATENT_SCALE gives them unit variance; "
-          f"{time.perf_counter() - start:.0f} s", flush=True)
+          f"{progress.elapsed():.0f} s", flush=True)
     return vae
 
 
@@ -117,7 +103,7 @@ def check_vae(vae, seed, size, count=96):
     """Tracker scores (colour, shape, position) of reconstructions of frames the training did not see."""
     x, captions = frames(2 * 10 ** 6, count, seed, size)
     recon = vae.decode(vae.encode(x)[0])
-    originals, recons = (sample.to_uint8(t).permute(0, 2, 3, 1).numpy() for t in (x, recon))
+    originals, recons = (to_uint8(t).permute(0, 2, 3, 1).numpy() for t in (x, recon))
     colour = shape = moved = 0
     for original, image, text in zip(originals, recons, captions):
         got, want = shapes.track(image[None])[0], shapes.track(original[None])[0][0]
@@ -144,11 +130,11 @@ def train_unet(args, vae):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     print(f"text encoder {sum(p.numel() for p in text_encoder.parameters()):,} parameters, "
           f"UNet {sum(p.numel() for p in unet.parameters()):,}", flush=True)
-    start = time.perf_counter()
+    progress = Progress("unet step", args.unet_steps, redraw=False)
     for step in range(1, args.unet_steps + 1):
         first = (step - 1) * args.batch_size
         x, captions = frames(first, args.batch_size, args.seed + 1, args.size)
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        g = data.generator(args.seed, "unet step", step)
         captions = ["" if r < args.caption_dropout else c for r, c in zip(torch.rand(len(captions), generator=g), captions)]
         with torch.no_grad():
             latents = vae_module.sample(*vae.encode(x), g) * LATENT_SCALE
@@ -168,19 +154,17 @@ def train_unet(args, vae):
             for e, p in zip(ema_params, params):
                 e.lerp_(p, 1 - decay)
         if step % args.log_every == 0 or step == args.unet_steps:
-            progress("unet", step, args.unet_steps, loss.item(), start)
+            progress.show(step, f"loss {loss.item():.4f}")
         if step % args.save_every == 0 and step < args.unet_steps:
             save_checkpoint(vae, ema["text"], ema["unet"], args.out_file, step=step)
-    print(f"unet: {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"unet: {progress.elapsed():.0f} s", flush=True)
     return ema["text"], ema["unet"]
 
 
 def save_checkpoint(vae, text_encoder, unet, path, **metadata):
     """One file in the official SD-1.x single-file layout, float16 (see the README for what that costs)."""
-    tensors = {}
-    for prefix, model in ((simda.UNET_PREFIX, unet), (simda.VAE_PREFIX, vae), (simda.TEXT_PREFIX, text_encoder)):
-        tensors.update({prefix + k: v.half() for k, v in model.state_dict().items()})
-    save_atomic(tensors, path, {k: str(v) for k, v in metadata.items()})
+    tensors = {k: v.half() for k, v in ldm_state_dict(text_encoder, vae, unet).items()}
+    save_safetensors(tensors, path, {k: str(v) for k, v in metadata.items()})
 
 
 @torch.no_grad()
@@ -188,7 +172,7 @@ def check_images(path, seed, size, steps=20, guidance=4.0):
     """Tracker scores of one image per combination of the world, sampled from the saved checkpoint."""
     pipe = simda.load_pipeline(path)
     prompts = [shapes.caption(*c) for c in shapes.COMBINATIONS]
-    images = sample.generate(pipe, prompts, 1, size, size, steps, guidance, seed=seed, progress=False).numpy()
+    images = pipe(prompts, 1, size, size, steps, guidance, seed=seed, progress=False).numpy()
     scores = shapes.summarise([shapes.score(image, text) for image, text in zip(images, prompts)])
     # the motion words: is the trail drawn behind the shape?
     trail = np.mean([shapes.direction_from_trail(image[0], colour) == direction
@@ -235,7 +219,8 @@ def main(argv=None):
         vae.eval().requires_grad_(False)
     else:
         vae = train_vae(args)
-        save_atomic(vae.state_dict(), vae_path)
+        os.makedirs(args.out, exist_ok=True)
+        save_safetensors(vae.state_dict(), vae_path)
     check_vae(vae, args.seed, args.size)
     text_encoder, unet = train_unet(args, vae)
     save_checkpoint(vae, text_encoder, unet, args.out_file, step=args.unet_steps)

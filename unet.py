@@ -3,13 +3,17 @@
 The network is the CompVis/LDM `UNetModel` with SD-1.x settings: a sinusoidal time embedding,
 ResBlocks, SpatialTransformers (self-attention, cross-attention to the text, GEGLU feed-forward)
 and skip connections from every input block to its mirror output block. It takes video latents
-[B, C, F, h, w] and runs every 2D layer frame by frame: the frames are folded into the batch at one
-place, `frames_to_batch`, and unfolded at the end. Parameter names are the official checkpoint's
+[B, C, F, h, w] and runs every 2D layer frame by frame: the frames are folded into the batch on the
+way in and unfolded on the way out (video.py's `frames_to_batch`, `batch_to_frames`). Parameter names are the official checkpoint's
 keys with `model.diffusion_model.` stripped, so that SD weights load with a strict load_state_dict.
 
-Given a `simda.SimDAConfig`, the UNet also carries SimDA's modules (defined in simda.py) under
-their own names beside the SD ones: `attn_adapter` and `ffn_adapter` in every TransformerBlock,
+Given an `adapters.SimDAConfig`, the UNet also carries SimDA's modules (adapters.py) under their
+own names beside the SD ones: `attn_adapter` and `ffn_adapter` in every TransformerBlock,
 `temporal_adapter` at the entry of every SpatialTransformer, and latent-shift self-attention.
+
+The head count is not in any weight's shape: SD 1.x uses 8 heads at every level (so the head width
+grows with the channels); `config_from_state_dict` takes it from the caller (checkpoint.py states
+each family's rule) and checks that every transformer's width divides by it.
 """
 import math
 import re
@@ -20,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import simda  # simda.py imports this module too: use its names only inside functions
+from adapters import SpatialAdapter, TemporalAdapter, latent_shift
+from video import batch_to_frames, frames_to_batch
 
 
 @dataclass
@@ -37,18 +42,6 @@ class UNetConfig:
     @classmethod
     def tiny(cls):
         return cls(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(0, 1), context_dim=128)
-
-
-def frames_to_batch(x):
-    # b c f h w -> (b f) c h w
-    b, c, f, h, w = x.shape
-    return x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-
-
-def batch_to_frames(x, frames):
-    # (b f) c h w -> b c f h w
-    bf, c, h, w = x.shape
-    return x.reshape(bf // frames, frames, c, h, w).permute(0, 2, 1, 3, 4)
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -159,8 +152,8 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.latent_shift = bool(simda_config and simda_config.latent_shift)
         if simda_config and simda_config.spatial_adapters:
-            self.attn_adapter = simda.SpatialAdapter(dim, simda_config.spatial_ratio, skip=True)
-            self.ffn_adapter = simda.SpatialAdapter(dim, simda_config.spatial_ratio, skip=False)
+            self.attn_adapter = SpatialAdapter(dim, simda_config.spatial_ratio, skip=True)
+            self.ffn_adapter = SpatialAdapter(dim, simda_config.spatial_ratio, skip=False)
         else:
             self.attn_adapter = self.ffn_adapter = None
 
@@ -168,7 +161,7 @@ class TransformerBlock(nn.Module):
         # LSA (Sec. 3.3): keys/values are the frame's own tokens and a temporal shift of earlier frames'
         # (the shift moves whole tokens, so it is applied after the k/v projections, which is cheaper).
         # The authors' code concatenates the shifted tokens of frames f-1 and f instead; we follow the paper.
-        shift = (lambda z: simda.latent_shift(z, frames, height, width)) if self.latent_shift else None
+        shift = (lambda z: latent_shift(z, frames, height, width)) if self.latent_shift else None
         h = self.attn1(self.norm1(x), more_keys=shift)
         x = x + (self.attn_adapter(h) if self.attn_adapter is not None else h)
         x = x + self.attn2(self.norm2(x), context)
@@ -180,7 +173,7 @@ class SpatialTransformer(nn.Module):
     def __init__(self, channels, heads, context_dim, simda_config=None):
         super().__init__()
         if simda_config and simda_config.temporal_adapters:
-            self.temporal_adapter = simda.TemporalAdapter(channels, simda_config.temporal_ratio)
+            self.temporal_adapter = TemporalAdapter(channels, simda_config.temporal_ratio)
         else:
             self.temporal_adapter = None
         self.norm = normalization(channels, eps=1e-6)
@@ -289,8 +282,9 @@ class UNet(nn.Module):
         return batch_to_frames(self.out(h), frames)
 
 
-def config_from_state_dict(sd) -> UNetConfig:
-    """Infer the UNet's configuration from the shapes of its weights (keys without the checkpoint prefix)."""
+def config_from_state_dict(sd, num_heads) -> UNetConfig:
+    """Infer the UNet's configuration from the shapes of its weights (keys without the checkpoint
+    prefix); `num_heads`, which no shape holds, is the model family's (checkpoint.py)."""
     mc = sd["input_blocks.0.0.weight"].shape[0]
     levels = 1 + sum(1 for k in sd if re.fullmatch(r"input_blocks\.\d+\.0\.op\.weight", k))
     num_input_blocks = len({k.split(".")[1] for k in sd if k.startswith("input_blocks.")})
@@ -301,10 +295,14 @@ def config_from_state_dict(sd) -> UNetConfig:
         channel_mult.append(sd[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] // mc)
         if f"input_blocks.{first}.1.proj_in.weight" in sd:
             attention_levels.append(level)
+    widths = {mc * channel_mult[level] for level in attention_levels} | {mc * channel_mult[-1]}  # + the middle block
+    if any(width % num_heads for width in sorted(widths)):
+        raise ValueError(f"the transformers are {sorted(widths)} channels wide, which {num_heads} heads do not divide: "
+                         "not the model family these weights were taken for")
     return UNetConfig(
         in_channels=sd["input_blocks.0.0.weight"].shape[1], out_channels=sd["out.2.weight"].shape[0],
         model_channels=mc, channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks,
-        attention_levels=tuple(attention_levels),
+        attention_levels=tuple(attention_levels), num_heads=num_heads,
         context_dim=sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1])
 
 

@@ -2,7 +2,8 @@
 
 encode: images [N, 3, H, W] in [-1, 1] -> posterior mean and logvar, each [N, 4, H/8, W/8]
 decode: latents [N, 4, H/8, W/8] -> images [N, 3, H, W]
-Both work on UNSCALED latents; the diffusion model sees latents * LATENT_SCALE.
+encode_video, decode_video: the same on videos [B, C, F, H, W], frame by frame.
+All work on UNSCALED latents; the diffusion model sees latents * LATENT_SCALE.
 
 Parameter names are the official single-file checkpoint keys with `first_stage_model.` stripped,
 so an SD checkpoint loads with a prefix strip and a strict load_state_dict. Frames are processed in
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from video import batch_to_frames, frames_to_batch
 
 LATENT_SCALE = 0.18215  # SD 1.x: latents are multiplied by this before diffusion, divided after
 
@@ -196,6 +199,20 @@ class AutoencoderKL(nn.Module):
         """unscaled latents [N, latent, h, w] -> images [N, C, h*f, w*f]."""
         self._check(z, self.config.latent_channels, "latents")
         return torch.cat([self.decoder(self.post_quant_conv(c)) for c in z.split(chunk_size or self.chunk_size)])
+
+    def encode_video(self, video):
+        """videos [B, C, F, H, W] in [-1, 1] -> (mean, logvar), each [B, latent, F, H/f, W/f]."""
+        self._check_video(video)
+        return tuple(batch_to_frames(m, video.shape[2]) for m in self.encode(frames_to_batch(video)))
+
+    def decode_video(self, z):
+        """unscaled latents [B, latent, F, h, w] -> videos [B, C, F, h*f, w*f]."""
+        self._check_video(z)
+        return batch_to_frames(self.decode(frames_to_batch(z)), z.shape[2])
+
+    def _check_video(self, t):
+        if t.ndim != 5:
+            raise ValueError(f"expected a video [B, C, F, H, W], got shape {tuple(t.shape)}")
 
 
 def sample(mean, logvar, generator=None):

@@ -1,12 +1,20 @@
-"""Helpers shared by the tests: the project root on sys.path, weight perturbation, relative error."""
+"""What the tests share: the project root on sys.path, weight perturbation, relative error, and the
+one tiny SD (models, single-file checkpoint and UNet inputs) that the tests run on."""
+import copy
 import os
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+import clip_text  # noqa: E402
+import unet as unet_module  # noqa: E402
+import vae as vae_module  # noqa: E402
+from checkpoint import ldm_state_dict, save_safetensors  # noqa: E402
 
 
 @torch.no_grad()
@@ -25,3 +33,35 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """||ours - ref|| / ||ref||, computed in float64."""
     ours, ref = ours.detach().double(), ref.detach().double()
     return ((ours - ref).norm() / ref.norm()).item()
+
+
+def unet_inputs(config, b=2, frames=3, h=8, w=16, seed=1):
+    """(latents [b, C, frames, h, w], timesteps [b], text context [b, 77, D]) for a UNet of `config`."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, config.in_channels, frames, h, w, generator=g)
+    return x, torch.tensor([999, 37])[:b], torch.randn(b, 77, config.context_dim, generator=g)
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """(CLIP text encoder, VAE, UNet) at their tiny() configs, in eval mode, every parameter moved off
+    its default init. Shared by every test: copy a model before changing it (see `tiny_unet`)."""
+    torch.manual_seed(0)
+    models = (clip_text.CLIPTextEncoder(clip_text.CLIPTextConfig.tiny()),
+              vae_module.AutoencoderKL(vae_module.VAEConfig.tiny()), unet_module.UNet(unet_module.UNetConfig.tiny()))
+    return tuple(perturb_(m, seed).eval() for seed, m in enumerate(models))
+
+
+@pytest.fixture
+def tiny_unet(tiny_models):
+    """A fresh copy of the tiny SD UNet (no adapters), for a test to change."""
+    return copy.deepcopy(tiny_models[2])
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_models, tmp_path_factory):
+    """The tiny models as one single-file SD-1.x checkpoint in the official key layout: its path. The
+    VAE downsamples by 2 and the UNet takes latent sides divisible by 4, so pixel sides of 8k work."""
+    path = str(tmp_path_factory.mktemp("tiny") / "tiny.safetensors")
+    save_safetensors(ldm_state_dict(*tiny_models), path)
+    return path

@@ -1,6 +1,7 @@
 """Reference models (diffusers / transformers) built to match our configs, holding our weights as
 converted by the reference libraries' own LDM converters, so that our parameter names are checked
-against the official layout by an independent party. Tests only: product code never imports these."""
+against the official layout by an independent party. Tests only: product code never imports these
+(bench.py, which times the same diffusers UNet, holds the mapping of our UNet config to diffusers')."""
 import os
 import shutil
 
@@ -10,28 +11,10 @@ from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, co
                                                  convert_ldm_vae_checkpoint)
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from simda import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from bench import diffusers_unet_config
+from checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def ldm_checkpoint(text_encoder, vae, unet):
-    """One state dict in the official single-file layout, as `v1-5-pruned-emaonly.safetensors` has it."""
-    sd = {}
-    for prefix, model in ((TEXT_PREFIX, text_encoder), (VAE_PREFIX, vae), (UNET_PREFIX, unet)):
-        sd.update({prefix + k: v.contiguous() for k, v in model.state_dict().items()})
-    return sd
-
-
-def diffusers_unet_config(c):
-    levels = len(c.channel_mult)
-    return dict(
-        sample_size=32, in_channels=c.in_channels, out_channels=c.out_channels,
-        block_out_channels=[c.model_channels * m for m in c.channel_mult],
-        layers_per_block=c.num_res_blocks, attention_head_dim=c.num_heads, cross_attention_dim=c.context_dim,
-        down_block_types=["CrossAttnDownBlock2D" if i in c.attention_levels else "DownBlock2D" for i in range(levels)],
-        up_block_types=["CrossAttnUpBlock2D" if i in c.attention_levels else "UpBlock2D" for i in reversed(range(levels))],
-        norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0)
 
 
 def diffusers_vae_config(c):
@@ -83,23 +66,3 @@ def save_diffusers_folder(folder, text_encoder, vae, unet):
     os.makedirs(os.path.join(folder, "tokenizer"), exist_ok=True)
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(os.path.join(ROOT, "clip_vocab", name), os.path.join(folder, "tokenizer", name))
-
-
-def write_tiny_checkpoint(path, seed=0):
-    """Write a tiny random-weight SD-1.x single-file checkpoint (official key layout) to `path` and
-    return the path: CLIP, VAE (downsamples by 2) and UNet (latent sizes divisible by 4) at their
-    tiny() configs, every parameter moved off its default init."""
-    import clip_text
-    import unet as unet_module
-    import vae as vae_module
-    from safetensors.torch import save_file
-
-    from conftest import perturb_
-
-    torch.manual_seed(seed)
-    models = (clip_text.CLIPTextEncoder(clip_text.CLIPTextConfig.tiny()),
-              vae_module.AutoencoderKL(vae_module.VAEConfig.tiny()), unet_module.UNet(unet_module.UNetConfig.tiny()))
-    for i, model in enumerate(models):
-        perturb_(model, seed + i)
-    save_file(ldm_checkpoint(*models), os.fspath(path))
-    return path

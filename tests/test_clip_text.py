@@ -110,14 +110,14 @@ def test_config_from_state_dict_round_trips(preset):
     cfg = CLIPTextConfig.tiny() if preset == "tiny" else CLIPTextConfig()
     with torch.device("meta"):
         sd = CLIPTextEncoder(cfg).state_dict()
-    assert config_from_state_dict(sd) == cfg
+    assert config_from_state_dict(sd, head_width=64) == cfg
     if preset == "sd15":
         assert cfg == CLIPTextConfig(vocab_size=49408, max_length=77, width=768, layers=12, heads=12)
 
 
 def test_config_from_state_dict_rejects_other_files():
     with pytest.raises(ValueError, match="token_embedding"):
-        config_from_state_dict({"conv_in.weight": torch.zeros(1)})
+        config_from_state_dict({"conv_in.weight": torch.zeros(1)}, head_width=64)
 
 
 @pytest.mark.parametrize("prefix", ["text_model.", ""])

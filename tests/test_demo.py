@@ -23,7 +23,7 @@ STEPS, GUIDANCE = 15, 7.5
 
 def scores(adapters):
     pipe = simda.load_pipeline(simda.DEMO_CHECKPOINT, adapters=adapters)
-    videos = sample.generate(pipe, PROMPTS, shapes.FRAMES, shapes.SIZE, shapes.SIZE, STEPS, GUIDANCE, seed=0,
+    videos = pipe(PROMPTS, shapes.FRAMES, shapes.SIZE, shapes.SIZE, STEPS, GUIDANCE, seed=0,
                              progress=False).numpy()
     return [shapes.score(video, prompt) for video, prompt in zip(videos, PROMPTS)]
 

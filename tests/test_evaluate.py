@@ -6,11 +6,10 @@ import pytest
 
 import evaluate
 import shapes
-from reference import write_tiny_checkpoint
 
 
-def test_each_row_scores_every_caption_per_seed(tmp_path, capsys):
-    ckpt = write_tiny_checkpoint(str(tmp_path / "tiny.safetensors"))
+def test_each_row_scores_every_caption_per_seed(tmp_path, capsys, tiny_checkpoint):
+    ckpt = tiny_checkpoint
     out = tmp_path / "scores.json"
     evaluate.main(["--ckpt", ckpt, "--row", "image model=", "--seeds", "2", "--steps", "2", "--frames", "2",
                    "--size", "16", "--batch-size", "40", "--out", str(out)])

@@ -6,12 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import clip_text
 import simda
-import unet as unet_module
-import vae as vae_module
-from conftest import perturb_, rel_err
-from reference import diffusers_unet, diffusers_vae, ldm_checkpoint, save_diffusers_folder, transformers_clip
+from checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointError, ldm_state_dict as ldm_checkpoint
+from reference import diffusers_unet, diffusers_vae, save_diffusers_folder, transformers_clip
 
 DDPM_BUFFERS = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                 "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
@@ -19,21 +16,13 @@ DDPM_BUFFERS = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_c
                 "posterior_mean_coef1", "posterior_mean_coef2"]
 
 
-@pytest.fixture(scope="module")
-def tiny_models():
-    torch.manual_seed(0)
-    models = (clip_text.CLIPTextEncoder(clip_text.CLIPTextConfig.tiny()), vae_module.AutoencoderKL(vae_module.VAEConfig.tiny()),
-              unet_module.UNet(unet_module.UNetConfig.tiny()))
-    return tuple(perturb_(m, seed).eval() for seed, m in enumerate(models))
-
-
 def real_file_extras(sd):
     """What real SD-1.x files hold besides the three models: an EMA copy, DDPM buffers, position_ids."""
     extras = {name: torch.rand(1000) for name in DDPM_BUFFERS}
     extras["model_ema.decay"] = torch.tensor(0.9999)
-    extras.update({"model_ema.diffusion_model" + k[len(simda.UNET_PREFIX):].replace(".", ""): v
-                   for k, v in list(sd.items())[:5] if k.startswith(simda.UNET_PREFIX)})
-    extras[simda.TEXT_PREFIX + "embeddings.position_ids"] = torch.arange(77)[None]
+    extras.update({"model_ema.diffusion_model" + k[len(UNET_PREFIX):].replace(".", ""): v
+                   for k, v in list(sd.items())[:5] if k.startswith(UNET_PREFIX)})
+    extras[TEXT_PREFIX + "embeddings.position_ids"] = torch.arange(77)[None]
     return {**sd, **extras}
 
 
@@ -83,7 +72,7 @@ def test_diffusers_folder_loads_the_same_weights(tmp_path, tiny_models):
 
 
 def expect_error(path, *fragments):
-    with pytest.raises(simda.CheckpointError) as info:
+    with pytest.raises(CheckpointError) as info:
         simda.load_pipeline(path)
     for fragment in fragments:
         assert fragment in str(info.value), str(info.value)
@@ -114,16 +103,37 @@ def test_other_model_families_are_recognised(tmp_path):
 def test_missing_unexpected_and_misshapen_keys_are_listed(tmp_path, tiny_models):
     sd = ldm_checkpoint(*tiny_models)
     path = str(tmp_path / "bad.safetensors")
-    dropped = [k for k in sd if k.startswith(simda.UNET_PREFIX + "output_blocks.")][:12]
+    dropped = [k for k in sd if k.startswith(UNET_PREFIX + "output_blocks.")][:12]
     save_file({k: v for k, v in sd.items() if k not in dropped}, path)
-    expect_error(path, "12 missing keys", dropped[0][len(simda.UNET_PREFIX):], "and 2 more")
+    expect_error(path, "12 missing keys", dropped[0][len(UNET_PREFIX):], "and 2 more")
 
     save_file({**sd, "cond_stage_model.extra.weight": torch.zeros(1)}, path)
     expect_error(path, "1 unexpected keys: cond_stage_model.extra.weight")
 
-    save_file({**sd, simda.UNET_PREFIX + "middle_block.3.weight": torch.zeros(1)}, path)
+    save_file({**sd, UNET_PREFIX + "middle_block.3.weight": torch.zeros(1)}, path)
     expect_error(path, "UNet weights do not fit", "1 unexpected keys: middle_block.3.weight")
 
-    key = simda.VAE_PREFIX + "quant_conv.bias"
+    key = VAE_PREFIX + "quant_conv.bias"
     save_file({**sd, key: torch.zeros(5)}, path)
     expect_error(path, "shape mismatch at quant_conv.bias: expected (8,), found (5,)")
+
+
+def test_head_counts_come_from_the_family_and_are_checked_against_the_widths(tmp_path, tiny_models):
+    """No weight's shape holds a head count: SD 1.x fixes 8 UNet heads and 64-channel CLIP heads
+    (12 at CLIP-L's width 768). A width those do not divide is a clear error, not a silent misload."""
+    import clip_text
+    import unet as unet_module
+    from checkpoint import SD1
+
+    assert (SD1.unet_heads, SD1.text_head_width) == (8, 64)
+    with torch.device("meta"):
+        sd = unet_module.UNet(unet_module.UNetConfig()).state_dict()
+        assert unet_module.config_from_state_dict(sd, SD1.unet_heads).num_heads == 8
+        with pytest.raises(ValueError, match=r"\[320, 640, 1280\] channels wide, which 12 heads do not divide"):
+            unet_module.config_from_state_dict(sd, 12)
+        text = clip_text.CLIPTextEncoder(clip_text.CLIPTextConfig()).state_dict()
+        assert clip_text.config_from_state_dict(text, SD1.text_head_width).heads == 12
+    odd = clip_text.CLIPTextEncoder(clip_text.CLIPTextConfig(width=96, layers=1, heads=1))
+    path = str(tmp_path / "odd.safetensors")
+    save_file(ldm_checkpoint(odd, *tiny_models[1:]), path)
+    expect_error(path, "cannot infer the text encoder configuration", "96 wide, which 64-channel heads do not divide")

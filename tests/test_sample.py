@@ -8,27 +8,29 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import ddim
 import sample
 import simda
+from adapters import SimDAConfig, is_adapter_key
 from conftest import rel_err
-from reference import write_tiny_checkpoint
+from video import save_video, stack_clips
 
 PROMPT = "a red ball rolling"
 FRAMES, HEIGHT, WIDTH = 3, 16, 24  # the adapters' metadata; the tiny models need multiples of 2 * 4
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny_checkpoint):
     """A tiny SD checkpoint and an adapter file for it, with every adapter weight off zero, so that
     the temporal layers do mix frames."""
     folder = tmp_path_factory.mktemp("sample")
-    ckpt = write_tiny_checkpoint(str(folder / "tiny.safetensors"))
-    pipe = simda.load_pipeline(ckpt, simda_config=simda.SimDAConfig())
+    ckpt = tiny_checkpoint
+    pipe = simda.load_pipeline(ckpt, simda_config=SimDAConfig())
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in pipe.unet.named_parameters():
-            if simda.is_adapter_key(name):
+            if is_adapter_key(name):
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
     adapters = str(folder / "adapters.safetensors")
     simda.save_adapters(pipe.unet, adapters, prompt=PROMPT, frames=FRAMES, height=HEIGHT, width=WIDTH, stride=1)
@@ -74,30 +76,30 @@ def test_size_flags_override_the_adapters_metadata(tmp_path, files):
 
 def test_same_seed_same_video_and_another_seed_another(pipe):
     def video(seed):
-        return sample.generate(pipe, PROMPT, frames=2, height=16, width=16, steps=2, seed=seed, progress=False)
+        return pipe(PROMPT, frames=2, height=16, width=16, steps=2, seed=seed, progress=False)
     first, again, other = video(0), video(0), video(1)
     assert torch.equal(first, again)
     assert (first.int() - other.int()).abs().float().mean() > 1
 
 
 def test_generate_returns_uint8_frames_for_each_prompt(pipe):
-    # What a notebook calls: pipe(...) delegates to sample.generate; guidance 1 runs the cond branch only.
+    # What a notebook calls; guidance 1 runs the cond branch only.
     for guidance in (7.5, 1.0):
         video = pipe(["a cat", "a dog"], frames=2, height=16, width=24, steps=2, guidance=guidance,
                                 negative="blurry", progress=False)
         assert video.dtype == torch.uint8 and video.shape == (2, 2, 16, 24, 3)
-    first = sample.generate(pipe, "a cat", frames=2, height=16, width=24, steps=2, guidance=1.0, progress=False)
+    first = pipe("a cat", frames=2, height=16, width=24, steps=2, guidance=1.0, progress=False)
     assert torch.equal(first[0], video[0])  # a batch's first video is the single prompt's video
 
 
 def test_guidance_combines_cond_and_uncond_from_one_batch(pipe):
-    context = sample.text_context(pipe, ["a cat"])
-    uncond = sample.text_context(pipe, ["blurry"])
+    context = pipe.text_context(["a cat"])
+    uncond = pipe.text_context(["blurry"])
     x = torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cond_eps, uncond_eps = pipe.unet(x, 501, context), pipe.unet(x, 501, uncond)
-        guided = sample.eps_model(pipe, torch.cat([uncond, context]), guidance=7.5)(x, 501)
-        plain = sample.eps_model(pipe, context, guidance=1)(x, 501)
+        guided = pipe.eps_model(torch.cat([uncond, context]), guidance=7.5)(x, 501)
+        plain = pipe.eps_model(context, guidance=1)(x, 501)
     # one batch vs two calls round differently, and guidance scales the difference by 7.5
     assert rel_err(guided, uncond_eps + 7.5 * (cond_eps - uncond_eps)) < 1e-4
     assert rel_err(plain, cond_eps) < 1e-6
@@ -107,11 +109,11 @@ def test_guidance_combines_cond_and_uncond_from_one_batch(pipe):
 def test_denoise_is_ddims_sampler(pipe, eta):
     # ddim.sample is checked against diffusers' DDIMScheduler loop (test_ddim.py); denoise adds the
     # progress line and the noise drawn on the CPU, and must walk the same steps.
-    context = sample.text_context(pipe, ["a cat"])
+    context = pipe.text_context(["a cat"])
     x = torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(0))
-    ours = sample.denoise(pipe, x, context, steps=4, guidance=1, eta=eta, generator=torch.Generator().manual_seed(1),
+    ours = pipe.denoise(x, context, steps=4, guidance=1, eta=eta, generator=torch.Generator().manual_seed(1),
                           progress=False)
-    eps = sample.eps_model(pipe, context, guidance=1)
+    eps = pipe.eps_model(context, guidance=1)
     assert torch.equal(ours, ddim.sample(x, eps, 4, eta=eta, generator=torch.Generator().manual_seed(1)))
 
 
@@ -156,7 +158,7 @@ def test_bad_input_is_a_clear_error(tmp_path, files, capsys, argv, fragments):
 def test_no_prompt_and_odd_mp4_sizes_are_clear_errors(tmp_path, capsys):
     expect_error(capsys, [], "no prompt given")
     with pytest.raises(ValueError, match="even width and height, got 15x16"):
-        sample.save_video(np.zeros((2, 16, 15, 3), np.uint8), str(tmp_path / "odd.mp4"))
+        save_video(np.zeros((2, 16, 15, 3), np.uint8), str(tmp_path / "odd.mp4"))
 
 
 def write_clip(path, frames=6, height=16, width=24):
@@ -178,7 +180,6 @@ def test_editing_inverts_then_reconstructs_the_clips_latents(tmp_path, pipe):
     error 6.4e-3 (1.7e-3 at scale 3e-4, 3.4e-3 at 50 steps: it is the inversion's own approximation
     error, shrinking with eps and with the step size). The bound 8e-3 leaves room for other CPUs'
     rounding only. Inverting with 20 steps and sampling with 10 (schedules that do not meet) gives 0.24."""
-    import data
 
     clip = data.read_clip(write_clip(str(tmp_path / "clip.mp4")), FRAMES, 1, HEIGHT, WIDTH, start=0)
     out = pipe.unet.out[2]  # out: [0] GroupNorm [1] SiLU [2] conv
@@ -186,14 +187,14 @@ def test_editing_inverts_then_reconstructs_the_clips_latents(tmp_path, pipe):
     with torch.no_grad():
         out.weight.mul_(1e-3), out.bias.mul_(1e-3)
     try:
-        latents = sample.encode_video(pipe, clip)
-        inverted = sample.invert(pipe, latents, PROMPT, steps=20, progress=False)
-        context = sample.text_context(pipe, [PROMPT])
-        back = sample.denoise(pipe, inverted, context, steps=20, guidance=1, progress=False)
-        mismatched = sample.denoise(pipe, inverted, context, steps=10, guidance=1, progress=False)
-        video = sample.generate(pipe, PROMPT, FRAMES, HEIGHT, WIDTH, steps=20, guidance=1, latents=inverted,
+        latents = pipe.encode(stack_clips([clip]))
+        inverted = pipe.invert(latents, PROMPT, steps=20, progress=False)
+        context = pipe.text_context([PROMPT])
+        back = pipe.denoise(inverted, context, steps=20, guidance=1, progress=False)
+        mismatched = pipe.denoise(inverted, context, steps=10, guidance=1, progress=False)
+        video = pipe(PROMPT, FRAMES, HEIGHT, WIDTH, steps=20, guidance=1, latents=inverted,
                                 progress=False)[0]
-        direct = sample.decode(pipe, latents)[0]
+        direct = pipe.decode(latents)[0]
     finally:
         with torch.no_grad():
             out.weight.copy_(saved[0]), out.bias.copy_(saved[1])

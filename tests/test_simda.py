@@ -1,41 +1,32 @@
-"""SimDA (simda.py, wired into unet.py): zero-initialised adapters start as the SD UNet, latent-shift
+"""SimDA (adapters.py, wired into unet.py; adapter files in simda.py): zero-initialised adapters start as the SD UNet, latent-shift
 attention (LSA) against slow references written here, the temporal reach of LSA and of the temporal
 adapter, what trains (and its gradients, with and without gradient checkpointing), and saving and
 loading the adapters on their own and through load_pipeline."""
 import dataclasses
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-import clip_text
+import adapters
 import simda
 import unet as U
-import vae as vae_module
-from conftest import ROOT, perturb_, rel_err
-from reference import ldm_checkpoint
+from checkpoint import CheckpointError
+from conftest import perturb_, rel_err, unet_inputs
 
-ADAPTERS = (simda.SpatialAdapter, simda.TemporalAdapter)
-
-
-def sd_unet(seed=0):
-    """A perturbed plain (SD) tiny UNet."""
-    torch.manual_seed(seed)
-    return perturb_(U.UNet(U.UNetConfig.tiny()), seed).eval()
+ADAPTERS = (adapters.SpatialAdapter, adapters.TemporalAdapter)
 
 
 def simda_unet(sd, config=None, seed=1):
     """A SimDA UNet holding the SD UNet's weights, its adapters at their fresh init. The key sets
     prove that the adapters, and only they, are what SimDA adds."""
     torch.manual_seed(seed)
-    model = U.UNet(sd.config, config or simda.SimDAConfig()).eval()
+    model = U.UNet(sd.config, config or adapters.SimDAConfig()).eval()
     result = model.load_state_dict(sd.state_dict(), strict=False)
-    adapter_keys = set(simda.adapter_state_dict(model))
-    assert adapter_keys and all(simda.is_adapter_key(k) for k in adapter_keys)
+    adapter_keys = set(adapters.adapter_state_dict(model))
+    assert adapter_keys and all(adapters.is_adapter_key(k) for k in adapter_keys)
     assert not result.unexpected_keys
     assert set(result.missing_keys) == adapter_keys == set(model.state_dict()) - set(sd.state_dict())
     return model
@@ -47,12 +38,6 @@ def perturb_adapters_(model, seed=5):
     return model
 
 
-def inputs(config, b=2, frames=4, h=8, w=12, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, config.in_channels, frames, h, w, generator=g)
-    return x, torch.tensor([999, 37])[:b], torch.randn(b, 77, config.context_dim, generator=g)
-
-
 def per_frame(model, x, t, ctx):
     return torch.cat([model(x[:, :, f:f + 1], t, ctx) for f in range(x.shape[2])], dim=2)
 
@@ -60,29 +45,29 @@ def per_frame(model, x, t, ctx):
 # 1. Zero-init identity
 
 @torch.no_grad()
-def test_fresh_adapters_on_one_frame_equal_the_sd_unet():
-    sd = sd_unet()
+def test_fresh_adapters_on_one_frame_equal_the_sd_unet(tiny_unet):
+    sd = tiny_unet
     model = simda_unet(sd)
-    assert sum(isinstance(m, simda.TemporalAdapter) for m in model.modules()) == 7  # one per SpatialTransformer
-    assert sum(isinstance(m, simda.SpatialAdapter) for m in model.modules()) == 14  # two per TransformerBlock
-    x, t, ctx = inputs(sd.config, frames=1)
+    assert sum(isinstance(m, adapters.TemporalAdapter) for m in model.modules()) == 7  # one per SpatialTransformer
+    assert sum(isinstance(m, adapters.SpatialAdapter) for m in model.modules()) == 14  # two per TransformerBlock
+    x, t, ctx = unet_inputs(sd.config, w=12, frames=1)
     # one frame: LSA attends over [x, x], which is attention over x
     assert rel_err(model(x, t, ctx), sd(x, t, ctx)) <= 1e-5
 
 
 @torch.no_grad()
-def test_fresh_adapters_without_latent_shift_equal_the_sd_unet_per_frame():
-    sd = sd_unet()
-    model = simda_unet(sd, simda.SimDAConfig(latent_shift=False))
-    x, t, ctx = inputs(sd.config, frames=4)
+def test_fresh_adapters_without_latent_shift_equal_the_sd_unet_per_frame(tiny_unet):
+    sd = tiny_unet
+    model = simda_unet(sd, adapters.SimDAConfig(latent_shift=False))
+    x, t, ctx = unet_inputs(sd.config, w=12, frames=4)
     assert rel_err(model(x, t, ctx), per_frame(sd, x, t, ctx)) <= 1e-5
 
 
 @torch.no_grad()
-def test_latent_shift_makes_later_frames_differ_from_per_frame():
-    sd = sd_unet()
+def test_latent_shift_makes_later_frames_differ_from_per_frame(tiny_unet):
+    sd = tiny_unet
     model = simda_unet(sd)
-    x, t, ctx = inputs(sd.config, frames=4)
+    x, t, ctx = unet_inputs(sd.config, w=12, frames=4)
     eps, expected = model(x, t, ctx), per_frame(sd, x, t, ctx)
     # frame 0 has no earlier frames: its shifted tokens are its own
     assert rel_err(eps[:, :, 0], expected[:, :, 0]) <= 1e-5
@@ -99,7 +84,7 @@ def slow_shift(tokens, frames, height, width):
         for f in range(frames):
             for i in range(height):
                 for j in range(width):
-                    source = f - simda.SHIFT_TABLE[i % 4][j % 4]
+                    source = f - adapters.SHIFT_TABLE[i % 4][j % 4]
                     source = source if source >= 0 else f
                     out[b * frames + f, i * width + j] = tokens[b * frames + source, i * width + j]
     return out
@@ -111,7 +96,7 @@ def test_latent_shift_matches_slow_reference(frames, height, width):
     b, c = 2, 3
     # every value names its batch, frame, position and channel
     tokens = torch.arange(b * frames * height * width * c, dtype=torch.float32).reshape(b * frames, height * width, c)
-    shifted = simda.latent_shift(tokens, frames, height, width)
+    shifted = adapters.latent_shift(tokens, frames, height, width)
     assert torch.equal(shifted, slow_shift(tokens, frames, height, width))
     if frames > 1:
         assert not torch.equal(shifted, tokens)
@@ -141,7 +126,7 @@ def slow_lsa_attention(attn, h, frames, height, width):
 @torch.no_grad()
 def test_lsa_attention_matches_slow_reference():
     torch.manual_seed(0)
-    block = perturb_(U.TransformerBlock(16, 2, 8, simda.SimDAConfig(spatial_adapters=False))).eval()
+    block = perturb_(U.TransformerBlock(16, 2, 8, adapters.SimDAConfig(spatial_adapters=False))).eval()
     frames, height, width = 3, 2, 3
     g = torch.Generator().manual_seed(2)
     x, ctx = torch.randn(2 * frames, height * width, 16, generator=g), torch.randn(2 * frames, 5, 8, generator=g)
@@ -167,7 +152,7 @@ def changed_frames(run, x, k, frame_dim):
 @torch.no_grad()
 def test_latent_shift_block_is_causal_and_reaches_four_frames_back():
     torch.manual_seed(0)
-    config = simda.SimDAConfig(spatial_adapters=False, temporal_adapters=False)
+    config = adapters.SimDAConfig(spatial_adapters=False, temporal_adapters=False)
     block = perturb_(U.TransformerBlock(16, 2, 8, config)).eval()
     assert block.attn_adapter is None and block.ffn_adapter is None and block.latent_shift
     frames, height, width = 7, 4, 4  # 4x4 holds every entry of the shift table
@@ -186,7 +171,7 @@ def test_latent_shift_block_is_causal_and_reaches_four_frames_back():
 @torch.no_grad()
 def test_temporal_adapter_reaches_one_frame_each_side():
     torch.manual_seed(0)
-    adapter = perturb_(simda.TemporalAdapter(32, 0.5))
+    adapter = perturb_(adapters.TemporalAdapter(32, 0.5))
     assert adapter.up.weight.abs().min() > 0
     x = torch.randn(2, 32, 7, 3, 5, generator=torch.Generator().manual_seed(1))
     for k in (0, 1, 3, 6):
@@ -199,27 +184,27 @@ def adapter_grads(model, x, t, ctx):
     model.zero_grad(set_to_none=True)
     loss = model(x, t, ctx).square().mean()
     loss.backward()
-    return loss.detach(), {name: p.grad for name, p in model.named_parameters() if simda.is_adapter_key(name)}
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters() if adapters.is_adapter_key(name)}
 
 
-def test_only_adapters_get_gradients_and_every_adapter_does():
-    model = perturb_adapters_(simda_unet(sd_unet())).train()
-    simda.freeze_for_training(model)
-    x, t, ctx = inputs(model.config, b=1, frames=3)
+def test_only_adapters_get_gradients_and_every_adapter_does(tiny_unet):
+    model = perturb_adapters_(simda_unet(tiny_unet)).train()
+    adapters.freeze_for_training(model)
+    x, t, ctx = unet_inputs(model.config, w=12, b=1, frames=3)
     adapter_grads(model, x, t, ctx)
     for name, p in model.named_parameters():
-        if simda.is_adapter_key(name):
+        if adapters.is_adapter_key(name):
             assert p.grad is not None and p.grad.abs().max() > 0, name
         else:
             assert p.grad is None, name
 
 
-def test_at_init_only_the_up_projections_get_gradients():
+def test_at_init_only_the_up_projections_get_gradients(tiny_unet):
     """Zero-initialised up-projections block the gradient to everything below them: training
     starts by moving `up`, and `down` / `conv` follow from the next step on."""
-    model = simda_unet(sd_unet()).train()
-    simda.freeze_for_training(model)
-    x, t, ctx = inputs(model.config, b=1, frames=3)
+    model = simda_unet(tiny_unet).train()
+    adapters.freeze_for_training(model)
+    x, t, ctx = unet_inputs(model.config, w=12, b=1, frames=3)
     _, grads = adapter_grads(model, x, t, ctx)
     for name, grad in grads.items():
         if ".up." in name:
@@ -228,10 +213,10 @@ def test_at_init_only_the_up_projections_get_gradients():
             assert torch.count_nonzero(grad) == 0, name
 
 
-def test_gradient_checkpointing_gives_the_same_adapter_gradients():
-    model = perturb_adapters_(simda_unet(sd_unet())).train()
-    simda.freeze_for_training(model)
-    x, t, ctx = inputs(model.config, b=1, frames=3)
+def test_gradient_checkpointing_gives_the_same_adapter_gradients(tiny_unet):
+    model = perturb_adapters_(simda_unet(tiny_unet)).train()
+    adapters.freeze_for_training(model)
+    x, t, ctx = unet_inputs(model.config, w=12, b=1, frames=3)
     runs = []
     for flag in (False, True):
         model.gradient_checkpointing = flag
@@ -261,26 +246,26 @@ def expected_adapter_parameters(model, config):
     return count
 
 
-def test_freeze_for_training_trains_exactly_the_adapters(capsys):
-    config = simda.SimDAConfig()
-    model = simda_unet(sd_unet(), config)
-    trainable = simda.freeze_for_training(model)
+def test_freeze_for_training_trains_exactly_the_adapters(capsys, tiny_unet):
+    config = adapters.SimDAConfig()
+    model = simda_unet(tiny_unet, config)
+    trainable = adapters.freeze_for_training(model)
     assert capsys.readouterr() == ("", "")
     names = {id(p): n for n, p in model.named_parameters()}
-    assert sorted(names[id(p)] for p in trainable) == sorted(simda.adapter_state_dict(model))
+    assert sorted(names[id(p)] for p in trainable) == sorted(adapters.adapter_state_dict(model))
     for name, p in model.named_parameters():
-        assert p.requires_grad == simda.is_adapter_key(name), name
+        assert p.requires_grad == adapters.is_adapter_key(name), name
     assert sum(p.numel() for p in trainable) == expected_adapter_parameters(model, config)
     assert len(trainable) == 7 * 6 + 14 * 4
     with pytest.raises(ValueError, match="no adapters to train"):
-        simda.freeze_for_training(sd_unet())
+        adapters.freeze_for_training(tiny_unet)
 
 
 def test_sd15_size_trains_about_24m_parameters():
-    config = simda.SimDAConfig()
+    config = adapters.SimDAConfig()
     with torch.device("meta"):
         model = U.UNet(U.UNetConfig(), config)
-    count = sum(p.numel() for p in simda.freeze_for_training(model))
+    count = sum(p.numel() for p in adapters.freeze_for_training(model))
     total = sum(p.numel() for p in model.parameters())
     print(f"\nSimDA at SD-1.5 size: {count:,} trainable of {total:,} UNet parameters")
     assert count == expected_adapter_parameters(model, config)
@@ -289,9 +274,9 @@ def test_sd15_size_trains_about_24m_parameters():
 
 # 6. Saving and loading the adapters
 
-def test_adapters_round_trip_with_metadata(tmp_path):
-    sd = sd_unet()
-    config = simda.SimDAConfig(spatial_ratio=0.5, temporal_ratio=0.25)
+def test_adapters_round_trip_with_metadata(tmp_path, tiny_unet):
+    sd = tiny_unet
+    config = adapters.SimDAConfig(spatial_ratio=0.5, temporal_ratio=0.25)
     source = perturb_adapters_(simda_unet(sd, config))
     path = str(tmp_path / "adapters.safetensors")
     simda.save_adapters(source, path, prompt="a dog surfing, 4k", frames=8, size=[256, 384], base="v1-5.safetensors")
@@ -299,61 +284,55 @@ def test_adapters_round_trip_with_metadata(tmp_path):
     weights, meta = simda.read_adapters(path)
     assert meta == {"simda_config": dataclasses.asdict(config), "prompt": "a dog surfing, 4k", "frames": 8,
                     "size": [256, 384], "base": "v1-5.safetensors"}
-    fresh = simda_unet(sd, simda.SimDAConfig(**meta["simda_config"]), seed=7)
+    fresh = simda_unet(sd, adapters.SimDAConfig(**meta["simda_config"]), seed=7)
     simda.load_adapters(fresh, weights, path)
-    expected = simda.adapter_state_dict(source)
-    loaded = simda.adapter_state_dict(fresh)
+    expected = adapters.adapter_state_dict(source)
+    loaded = adapters.adapter_state_dict(fresh)
     assert sorted(loaded) == sorted(expected)
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
-    x, t, ctx = inputs(sd.config, frames=3)
+    x, t, ctx = unet_inputs(sd.config, w=12, frames=3)
     with torch.no_grad():
         assert torch.equal(fresh(x, t, ctx), source(x, t, ctx))
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny SD-1.x single-file checkpoint (official layout) and its plain UNet."""
-    torch.manual_seed(0)
-    models = (clip_text.CLIPTextEncoder(clip_text.CLIPTextConfig.tiny()),
-              vae_module.AutoencoderKL(vae_module.VAEConfig.tiny()), U.UNet(U.UNetConfig.tiny()))
-    models = tuple(perturb_(m, seed).eval() for seed, m in enumerate(models))
-    path = str(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
-    save_file(ldm_checkpoint(*models), path)
-    return path, models[2]
+@pytest.fixture
+def checkpoint(tiny_checkpoint, tiny_models):
+    """The tiny SD-1.x single-file checkpoint and its plain UNet."""
+    return tiny_checkpoint, tiny_models[2]
 
 
-@pytest.mark.parametrize("config", [simda.SimDAConfig(spatial_ratio=0.5),
-                                    simda.SimDAConfig(temporal_adapters=False, latent_shift=False)])
+@pytest.mark.parametrize("config", [adapters.SimDAConfig(spatial_ratio=0.5),
+                                    adapters.SimDAConfig(temporal_adapters=False, latent_shift=False)])
 def test_load_pipeline_takes_the_adapter_files_config(tmp_path, checkpoint, config):
     path, sd = checkpoint
     source = perturb_adapters_(simda_unet(sd, config))
-    adapters = str(tmp_path / "adapters.safetensors")
-    simda.save_adapters(source, adapters, prompt="a cat", frames=4)
-    pipe = simda.load_pipeline(path, adapters=adapters)
+    adapter_file = str(tmp_path / "adapters.safetensors")
+    simda.save_adapters(source, adapter_file, prompt="a cat", frames=4)
+    pipe = simda.load_pipeline(path, adapters=adapter_file)
     assert pipe.unet.simda_config == config
     expected, loaded = source.state_dict(), pipe.unet.state_dict()
     assert sorted(loaded) == sorted(expected)
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
-    x, t, ctx = inputs(sd.config, frames=3)
+    x, t, ctx = unet_inputs(sd.config, w=12, frames=3)
     with torch.no_grad():  # not bitwise: frozen weights take another CPU kernel path
         assert rel_err(pipe.unet(x, t, ctx), source(x, t, ctx)) <= 1e-5
 
 
 def test_sd_weights_load_into_a_simda_pipeline_with_adapters_at_init(checkpoint):
     path, sd = checkpoint
-    pipe = simda.load_pipeline(path, simda_config=simda.SimDAConfig())
+    pipe = simda.load_pipeline(path, simda_config=adapters.SimDAConfig())
     loaded, expected = pipe.unet.state_dict(), sd.state_dict()
-    assert {k for k in loaded if not simda.is_adapter_key(k)} == set(expected)
+    assert {k for k in loaded if not adapters.is_adapter_key(k)} == set(expected)
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
-    adapters = [m for m in pipe.unet.modules() if isinstance(m, ADAPTERS)]
-    assert len(adapters) == 21
-    for m in adapters:
+    modules = [m for m in pipe.unet.modules() if isinstance(m, ADAPTERS)]
+    assert len(modules) == 21
+    for m in modules:
         assert not m.up.weight.any() and not m.up.bias.any()
-        for layer in [m.down] + ([m.conv] if isinstance(m, simda.TemporalAdapter) else []):
+        for layer in [m.down] + ([m.conv] if isinstance(m, adapters.TemporalAdapter) else []):
             # the default init, not whatever the meta -> empty allocation left there
             bound = 1 / math.sqrt(layer.weight[0].numel())
             assert 0 < layer.weight.std() and layer.weight.abs().max() <= bound
-    x, t, ctx = inputs(sd.config, frames=1)
+    x, t, ctx = unet_inputs(sd.config, w=12, frames=1)
     with torch.no_grad():
         assert rel_err(pipe.unet(x, t, ctx), sd(x, t, ctx)) <= 1e-5
 
@@ -367,7 +346,7 @@ def save_other(tmp_path, name, unet_config, config):
 
 
 def expect_error(call, *fragments):
-    with pytest.raises(simda.CheckpointError) as info:
+    with pytest.raises(CheckpointError) as info:
         call()
     for fragment in fragments:
         assert fragment in str(info.value), str(info.value)
@@ -378,7 +357,7 @@ def test_adapters_that_do_not_fit_are_listed(tmp_path, checkpoint):
     tiny = U.UNetConfig.tiny()
     model = simda_unet(sd)
 
-    wide = save_other(tmp_path, "wide.safetensors", dataclasses.replace(tiny, model_channels=64), simda.SimDAConfig())
+    wide = save_other(tmp_path, "wide.safetensors", dataclasses.replace(tiny, model_channels=64), adapters.SimDAConfig())
     weights, _ = simda.read_adapters(wide)
     expect_error(lambda: simda.load_adapters(model, weights, wide), "wide.safetensors does not fit this UNet",
                  "shape mismatch at input_blocks.1.1.temporal_adapter.down.weight: expected (16, 32, 1, 1, 1), "
@@ -386,12 +365,12 @@ def test_adapters_that_do_not_fit_are_listed(tmp_path, checkpoint):
     # through load_pipeline the UNet's config comes from the checkpoint, the SimDA config from the file
     expect_error(lambda: simda.load_pipeline(path, adapters=wide), "does not fit this UNet", "shape mismatch")
 
-    spatial_only = save_other(tmp_path, "spatial.safetensors", tiny, simda.SimDAConfig(temporal_adapters=False))
+    spatial_only = save_other(tmp_path, "spatial.safetensors", tiny, adapters.SimDAConfig(temporal_adapters=False))
     weights, _ = simda.read_adapters(spatial_only)
     expect_error(lambda: simda.load_adapters(model, weights, spatial_only), "42 missing keys", "temporal_adapter")
 
-    plain_spatial = simda_unet(sd, simda.SimDAConfig(temporal_adapters=False))
-    weights, _ = simda.read_adapters(save_other(tmp_path, "all.safetensors", tiny, simda.SimDAConfig()))
+    plain_spatial = simda_unet(sd, adapters.SimDAConfig(temporal_adapters=False))
+    weights, _ = simda.read_adapters(save_other(tmp_path, "all.safetensors", tiny, adapters.SimDAConfig()))
     expect_error(lambda: simda.load_adapters(plain_spatial, weights), "42 unexpected keys", "temporal_adapter")
 
 
@@ -407,12 +386,3 @@ def test_missing_and_foreign_adapter_files_are_named(tmp_path, checkpoint):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x00" * 64)
     expect_error(lambda: simda.read_adapters(str(broken)), "is not a readable adapter file")
-
-
-# 7. unet.py and simda.py import each other
-
-@pytest.mark.parametrize("order", ["import unet, simda", "import simda, unet"])
-def test_both_import_orders_work(order):
-    result = subprocess.run([sys.executable, "-c", f"{order}; unet.UNet(unet.UNetConfig.tiny(), simda.SimDAConfig())"],
-                            cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr

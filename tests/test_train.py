@@ -12,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+import ddim
 import simda
 import train
+from adapters import SimDAConfig
 from conftest import ROOT, rel_err
-from reference import write_tiny_checkpoint
 from test_data import captioned, write_corrupt
 
 # 4 frames of 16x16 (latents 8x8: the tiny VAE halves, the tiny UNet needs multiples of 4), global batch 2
@@ -33,8 +34,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"))
+def ckpt(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +127,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ckpt, videos, tmp_pat
 
 def test_two_torchrun_processes_equal_one_process(straight, ckpt, videos, tmp_path):
     out, ranks = str(tmp_path / "out"), str(tmp_path / "ranks")
-    env = {**os.environ, "SIMDA_RANK_ADAPTERS": ranks}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "train.py", "--data", videos, "--ckpt", ckpt, "--out", out, "--steps", str(STEPS), *COMMON],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                             os.path.join("tests", "ddp_launcher.py"), ranks, "--data", videos, "--ckpt", ckpt,
+                             "--out", out, "--steps", str(STEPS), *COMMON],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "global batch 2 on 2 process(es)" in result.stdout
     rank0 = simda.read_adapters(os.path.join(ranks, "rank0.safetensors"))[0]
@@ -147,7 +148,7 @@ def test_two_torchrun_processes_equal_one_process(straight, ckpt, videos, tmp_pa
         tolerance = 2 * 1e-3 * STEPS if k in inert else 2e-5
         assert (single[k] - saved[k]).abs().max() <= tolerance, k
     # ... and the two UNets compute the same function
-    pipe = simda.load_pipeline(ckpt, simda_config=simda.SimDAConfig())
+    pipe = simda.load_pipeline(ckpt, simda_config=SimDAConfig())
     g = torch.Generator().manual_seed(0)
     x, context = torch.randn(1, 4, 4, 8, 8, generator=g), torch.randn(1, 77, 128, generator=g)
     outputs = []
@@ -226,7 +227,7 @@ def test_data_shapes_rejects_what_the_world_cannot_do(argv, message, ckpt, tmp_p
 def test_timestep_bias_favours_the_noisiest_steps_and_zero_keeps_sds_uniform_draw():
     def draws(bias, n=4000):
         g = torch.Generator().manual_seed(0)
-        return torch.cat([train.draw_timestep(g, bias) for _ in range(n)])
+        return torch.cat([ddim.draw_timestep(g, bias) for _ in range(n)])
     g = torch.Generator().manual_seed(0)
     assert torch.equal(draws(0, 50), torch.cat([torch.randint(0, 1000, (1,), generator=g) for _ in range(50)]))
     uniform, biased = draws(0), draws(2.0)
