@@ -3,7 +3,8 @@
 `read_clip` decodes `frames` frames, `stride` apart, from a random start (imageio's ffmpeg plugin;
 pillow for GIFs), resizes them on the short side, center-crops to height x width and scales to
 [-1, 1]. `find_videos` lists (video, caption) pairs, `Dataset` hands them out for training;
-`ShapesDataset` makes fresh videos of the synthetic shapes world instead (train.py --data shapes).
+`ShapesDataset` makes fresh videos of the synthetic shapes world instead (train.py --data shapes);
+`cache_latents` encodes one clip per video once (train.py --cache-latents).
 
 Every random choice of a training sample (which video, its first frame, the flip, dropping its
 caption) is drawn from a generator seeded by (seed, global sample index), never from a running RNG
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import shapes
+from video import stack_clips
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".gif")
 
@@ -229,6 +231,26 @@ class Dataset:
         raise ValueError(f"none of the {len(self.items)} videos could be used (see the warnings above): "
                          f"each must decode and have at least {(self.frames - 1) * self.stride + 1} frames "
                          f"({self.frames} frames {self.stride} apart)")
+
+
+@torch.no_grad()
+def cache_latents(vae, dataset, seed, rank, world, device):
+    """train.py --cache-latents: {video index: (mean, logvar)} of one clip per video, encoded once by
+    the frozen VAE; each rank encodes its share, then all swap."""
+    cache = {}
+    for idx in range(rank, len(dataset), world):
+        clip = dataset.read(idx, random.Random(sample_seed(seed, "cache", idx))) if idx not in dataset.bad else None
+        if clip is not None:
+            cache[idx] = tuple(m[0].float().cpu() for m in vae.encode_video(stack_clips([clip]).to(device)))
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, (cache, dataset.bad))
+        for part, bad in parts:
+            cache.update(part)
+            dataset.bad |= bad
+    if not cache:
+        raise ValueError(f"none of the {len(dataset)} videos could be encoded (see the warnings above)")
+    return cache
 
 
 class ShapesDataset:

@@ -1,9 +1,12 @@
-"""Where a run executes and how it reports: the device and dtype choices of every script, and the
-progress lines (count, rate, ETA) of sampling, training and evaluation."""
+"""Where a run executes and how it reports: the device and dtype choices of every script, the
+process group of a torchrun job, and the progress lines (count, rate, ETA) of sampling, training
+and evaluation."""
+import os
 import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -40,6 +43,20 @@ def autocast_dtype(name, device):
     if DTYPES[name] != torch.float32 and device.type != "cuda":
         raise ValueError(f"--precision {name} needs CUDA; this run is on {device.type}")
     return DTYPES[name]
+
+
+def setup_distributed(device_name="auto"):
+    """(rank, world size, device); under torchrun (RANK and WORLD_SIZE set) also the process group,
+    NCCL on CUDA (one GPU per local rank), else gloo."""
+    device = pick_device(device_name)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, device
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
 
 
 def clock(seconds):

@@ -5,10 +5,9 @@ background, moving left, right, up or down at a steady speed, captioned "a red c
 Everything is drawn from the seed: start position, speed (pixels per frame) and size, always such
 that the whole shape stays inside the frame for the whole clip. Behind the shape fades a trail,
 three faint copies of it (as a long exposure leaves), so that one frame shows which way the shape
-moves, as a photo shows which way a runner faces: without such a cue the motion words mean nothing
-to an image model trained on single frames, and the adapters never learned them (README: "The demo
-model"). The trail stays nearer the background than the tracker's NEAR_BACKGROUND, so it never
-counts as the object. Edges are anti-aliased (each pixel's colour is the shape's coverage of a 4x4
+moves, as a photo shows which way a runner faces: it gives the motion words something to mean to an
+image model trained on single frames (README: "What it took"). The trail stays nearer the
+background than the tracker's NEAR_BACKGROUND, so it never counts as the object. Edges are anti-aliased (each pixel's colour is the shape's coverage of a 4x4
 grid of sub-pixel samples), so sub-pixel speeds move the centroid smoothly. `sample(i)` goes
 through all 48 combinations in each block of 48;
 `sample_frame(i)` is a single frame with its video's caption, for the image-model stage;

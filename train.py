@@ -24,7 +24,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import shlex
 import sys
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ import simda
 import vae as vae_module
 from adapters import adapter_state_dict, freeze_for_training, trainable_summary
 from checkpoint import CheckpointError, load_torch, remove_temporaries, save_torch, write_atomic
-from runtime import Progress, autocast_dtype, pick_device
+from runtime import Progress, autocast_dtype, setup_distributed
 from vae import LATENT_SCALE
 from video import DEFAULT_FRAMES, DEFAULT_SIZE, check_shape, output_paths, resolve_shape, save_video, stack_clips
 
@@ -127,19 +126,6 @@ def check_args(args):
     return argparse.Namespace(**{**vars(args), "frames": frames, "height": height, "width": width})
 
 
-def setup(args):
-    """(rank, world size, device); under torchrun (RANK/WORLD_SIZE set) also the process group."""
-    device = pick_device(args.device)
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1, device
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
 def make_dataset(args, rank):
     if args.data == "shapes":
         return data.ShapesDataset(args.frames, args.height, args.seed, args.caption_dropout)
@@ -177,7 +163,7 @@ def build_run(args):
     open the output folder."""
     args = check_args(args)
     state = load_state(args.out) if args.resume else None  # an unreadable state.pt fails before anything else
-    rank, world, device = setup(args)
+    rank, world, device = setup_distributed(args.device)
     dtype = autocast_dtype(args.precision, device)
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
@@ -208,7 +194,7 @@ def build_run(args):
     if state is not None:
         resume(run, state)
     if args.cache_latents:
-        run.cache = cache_latents(pipe, dataset, args.seed, rank, world, device)
+        run.cache = data.cache_latents(pipe.vae, dataset, args.seed, rank, world, device)
     if rank == 0:
         open_output(run, dtype)
     return run
@@ -245,25 +231,6 @@ def make_inputs(pipe, batch, gs, seed, device, timestep_bias=0.0):
     t = torch.cat([ddim.draw_timestep(gen, timestep_bias) for gen in gens]).to(device)
     noise = torch.stack([torch.randn(latents.shape[1:], generator=gen) for gen in gens]).to(device)
     return ddim.add_noise(latents, noise, t), t, noise, context
-
-
-@torch.no_grad()
-def cache_latents(pipe, dataset, seed, rank, world, device):
-    """{video index: (mean, logvar)} of one clip per video; each rank encodes its share, then all swap."""
-    cache = {}
-    for idx in range(rank, len(dataset), world):
-        clip = dataset.read(idx, random.Random(data.sample_seed(seed, "cache", idx))) if idx not in dataset.bad else None
-        if clip is not None:
-            cache[idx] = tuple(m[0].float().cpu() for m in pipe.vae.encode_video(stack_clips([clip]).to(device)))
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, (cache, dataset.bad))
-        for part, bad in parts:
-            cache.update(part)
-            dataset.bad |= bad
-    if not cache:
-        raise ValueError(f"none of the {len(dataset)} videos could be encoded (see the warnings above)")
-    return cache
 
 
 def train_step(run):
@@ -369,7 +336,10 @@ def start_log(path, step):
                     continue
                 if entry["step"] <= step:
                     kept.append(json.dumps(entry) + "\n")
-    write_atomic(path, lambda tmp: open(tmp, "w").writelines(kept))
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+    write_atomic(path, write)
     return open(path, "a")
 
 
@@ -415,14 +385,14 @@ def train(args):
 def interrupted(args, argv):
     """The one line a Ctrl-C ends with: what is saved, and how to go on."""
     path = os.path.join(args.out, "state.pt")
-    command = "python train.py " + " ".join(shlex.quote(a) for a in argv if a != "--resume") + " --resume"
     try:
-        saved = f"the last saved step is {load_torch(path)['step']} ({path})" if os.path.exists(path) else None
+        step = load_torch(path)["step"] if os.path.exists(path) else None
     except CheckpointError:
-        saved = None
-    if saved is None:
+        step = None
+    if step is None:
         return f"interrupted before the first save (--save-every {args.save_every}): nothing is saved\n"
-    return f"interrupted: {saved}; continue with: {command}\n"
+    command = "python train.py " + " ".join(shlex.quote(a) for a in argv if a != "--resume") + " --resume"
+    return f"interrupted: the last saved step is {step} ({path}); continue with: {command}\n"
 
 
 def main(argv=None):

@@ -40,7 +40,7 @@ import vae as vae_module
 from checkpoint import ldm_state_dict, save_safetensors
 from runtime import Progress
 from vae import LATENT_SCALE
-from video import to_uint8
+from video import check_shape, to_uint8
 
 
 def configs():
@@ -114,7 +114,7 @@ def check_vae(vae, seed, size, count=96):
           f"centroid off by > 1 px {moved / count:.0%}; L1 {F.l1_loss(recon, x).item():.4f}", flush=True)
 
 
-def train_unet(args, vae):
+def train_unet(args, vae, out_file):
     """The UNet (and with --train-text-encoder the text encoder) on captioned single frames; returns
     the EMA copies of both."""
     _, text_config, unet_config = configs()
@@ -156,7 +156,7 @@ def train_unet(args, vae):
         if step % args.log_every == 0 or step == args.unet_steps:
             progress.show(step, f"loss {loss.item():.4f}")
         if step % args.save_every == 0 and step < args.unet_steps:
-            save_checkpoint(vae, ema["text"], ema["unet"], args.out_file, step=step)
+            save_checkpoint(vae, ema["text"], ema["unet"], out_file, step=step)
     print(f"unet: {progress.elapsed():.0f} s", flush=True)
     return ema["text"], ema["unet"]
 
@@ -205,13 +205,15 @@ def main(argv=None):
     p.add_argument("--save-every", type=int, default=250, help="save the EMA weights every N steps (default: %(default)s)")
     p.add_argument("--log-every", type=int, default=50, help="(default: %(default)s)")
     args = p.parse_args(argv)
-    if args.size % configs()[0].downsample_factor or args.size < 8:
-        p.error(f"--size must be a multiple of {configs()[0].downsample_factor}, at least 8; got {args.size}")
+    try:
+        check_shape(1, args.size, args.size)  # the rule of every script
+    except ValueError as e:
+        p.error(str(e))
     for name in ("vae_steps", "unet_steps", "batch_size", "vae_batch_size", "warmup", "save_every", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     torch.manual_seed(args.seed)
-    vae_path, args.out_file = os.path.join(args.out, "vae.safetensors"), os.path.join(args.out, "sd-shapes.safetensors")
+    vae_path, out_file = os.path.join(args.out, "vae.safetensors"), os.path.join(args.out, "sd-shapes.safetensors")
     if os.path.exists(vae_path):
         print(f"vae: using {vae_path} (delete it to train the VAE again)", flush=True)
         vae = vae_module.AutoencoderKL(configs()[0])
@@ -222,10 +224,10 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         save_safetensors(vae.state_dict(), vae_path)
     check_vae(vae, args.seed, args.size)
-    text_encoder, unet = train_unet(args, vae)
-    save_checkpoint(vae, text_encoder, unet, args.out_file, step=args.unet_steps)
-    print(f"wrote {args.out_file}", flush=True)
-    check_images(args.out_file, args.seed, args.size)
+    text_encoder, unet = train_unet(args, vae, out_file)
+    save_checkpoint(vae, text_encoder, unet, out_file, step=args.unet_steps)
+    print(f"wrote {out_file}", flush=True)
+    check_images(out_file, args.seed, args.size)
 
 
 if __name__ == "__main__":

@@ -107,3 +107,16 @@ def test_invert_then_sample_nearly_reconstructs_for_mildly_x_dependent_eps():
     eps_fn = random_eps_fn(seed=6)  # eps = c(t) + 0.1 * x
     x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
     assert rel_err(ddim.sample(ddim.invert(x0, eps_fn, 50), eps_fn, 50), x0) <= 0.05
+
+
+def test_timestep_bias_favours_the_noisiest_steps_and_zero_keeps_sds_uniform_draw():
+    def draws(bias, n=4000):
+        g = torch.Generator().manual_seed(0)
+        return torch.cat([ddim.draw_timestep(g, bias) for _ in range(n)])
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(draws(0, 50), torch.cat([torch.randint(0, 1000, (1,), generator=g) for _ in range(50)]))
+    uniform, biased = draws(0), draws(2.0)
+    assert biased.min() >= 0 and biased.max() <= 999
+    # density ~ (t / 1000)^2: P(t >= 800) = 1 - 0.8^3 = 0.488, against 0.2 for the uniform draw
+    assert abs((biased >= 800).float().mean() - 0.488) < 0.03, (biased >= 800).float().mean()
+    assert abs((uniform >= 800).float().mean() - 0.2) < 0.03

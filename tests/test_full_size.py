@@ -1,17 +1,25 @@
 """Parity at the full SD-1.5 size (860M UNet, 84M VAE, 123M text encoder), from one single-file
 checkpoint written here with random perturbed weights in the official layout and loaded through
 simda.load_pipeline, and once more from a diffusers-folder copy of the same weights.
-Slow (a few minutes, ~14 GB of memory): marked `slow`, and run in CI all the same."""
+
+The tests share nothing but module-scoped fixtures, so each passes alone and in any order, and each
+big model is built once per module: `checkpoint` (the file), `ours` (our pipeline's outputs), and
+`references` (transformers' and diffusers' models of the same weights), which gives `expected` (their
+outputs) and `diffusers_folder` (them, saved as the Hub lays SD out). The three models are 4.3 GB
+in any form, so each fixture frees them as soon as it has what it needs: at most two copies are
+alive at once (a state dict and the models built from it).
+Slow (a few minutes, ~9 GB of memory): marked `slow`, and run in CI all the same."""
 import gc
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import clip_text
 import simda
 import unet as unet_module
 import vae as vae_module
+from checkpoint import ldm_state_dict
 from conftest import perturb_, rel_err
 from reference import diffusers_unet, diffusers_vae, save_diffusers_folder, transformers_clip
 
@@ -19,31 +27,28 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["a dog surfing", "a red circle moving right, oil painting, 4k"]
 
 
-def full_size_checkpoint():
-    """The three SD-1.5 models with every parameter perturbed, as one state dict in the official
-    layout; built one model at a time to keep memory down."""
-    sd = {}
-    for seed, (prefix, model_class, config) in enumerate([
-            (simda.TEXT_PREFIX, clip_text.CLIPTextEncoder, clip_text.CLIPTextConfig()),
-            (simda.VAE_PREFIX, vae_module.AutoencoderKL, vae_module.VAEConfig()),
-            (simda.UNET_PREFIX, unet_module.UNet, unet_module.UNetConfig())]):
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """Path of the three SD-1.5 models, every parameter perturbed, as one single file in the official
+    layout. The state dict is not kept: alive beside the references and a pipeline, it would add 4.3 GB."""
+    models = []
+    for seed, (model_class, config) in enumerate([(clip_text.CLIPTextEncoder, clip_text.CLIPTextConfig()),
+                                                  (vae_module.AutoencoderKL, vae_module.VAEConfig()),
+                                                  (unet_module.UNet, unet_module.UNetConfig())]):
         torch.manual_seed(seed)
-        model = perturb_(model_class(config), seed)
-        sd.update({prefix + k: v for k, v in model.state_dict().items()})
-        del model
-    return sd
+        models.append(perturb_(model_class(config), seed))
+    path = str(tmp_path_factory.mktemp("sd15") / "v1-5-random.safetensors")
+    save_file(ldm_state_dict(*models), path)
+    del models
+    gc.collect()
+    return path
 
 
 @pytest.fixture(scope="module")
-def state(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd15")
-    sd = full_size_checkpoint()
-    path = str(folder / "v1-5-random.safetensors")
-    save_file(sd, path)
+def inputs():
     g = torch.Generator().manual_seed(0)
-    inputs = dict(images=torch.rand(2, 3, 64, 48, generator=g) * 2 - 1, latents=torch.randn(2, 4, 8, 6, generator=g),
-                  video=torch.randn(1, 4, 2, 8, 8, generator=g), t=torch.tensor([621]))
-    yield dict(sd=sd, path=path, folder=folder, pipe=simda.load_pipeline(path), inputs=inputs, expected={})
+    return dict(images=torch.rand(2, 3, 64, 48, generator=g) * 2 - 1, latents=torch.randn(2, 4, 8, 6, generator=g),
+                video=torch.randn(1, 4, 2, 8, 8, generator=g), t=torch.tensor([621]))
 
 
 @torch.no_grad()
@@ -55,54 +60,88 @@ def outputs(pipe, inputs):
     return dict(ids=ids, context=context, mean=mean, logvar=logvar, decoded=pipe.vae.decode(inputs["latents"]), eps=eps)
 
 
-def test_full_size_configs_inferred(state):
-    pipe = state["pipe"]
-    assert pipe.unet.config == unet_module.UNetConfig()
-    assert pipe.vae.config == vae_module.VAEConfig()
-    assert pipe.text_encoder.config == clip_text.CLIPTextConfig()
-    counts = [sum(p.numel() for p in m.parameters()) for m in (pipe.unet, pipe.vae, pipe.text_encoder)]
-    assert counts == [859_520_964, 83_653_863, 123_060_480]
-    state["ours"] = outputs(pipe, state["inputs"])
-
-
-@torch.no_grad()
-def test_full_size_text_encoder_matches_transformers(state):
-    ref = transformers_clip(ldm=state["sd"], config=clip_text.CLIPTextConfig())
-    context = ref(input_ids=state["ours"]["ids"]).last_hidden_state
-    state["expected"]["context"] = context
-    print(f"\nSD-1.5 text encoder rel_err {rel_err(state['ours']['context'], context):.1e}")
-    assert rel_err(state["ours"]["context"], context) <= 1e-4
-
-
-@torch.no_grad()
-def test_full_size_vae_matches_diffusers(state):
-    ref = diffusers_vae(ldm=state["sd"], config=vae_module.VAEConfig())
-    posterior = ref.encode(state["inputs"]["images"]).latent_dist
-    decoded = ref.decode(state["inputs"]["latents"]).sample
-    state["expected"].update(mean=posterior.mean, logvar=posterior.logvar, decoded=decoded)
-    for name in ("mean", "logvar", "decoded"):
-        print(f"\nSD-1.5 VAE {name} rel_err {rel_err(state['ours'][name], state['expected'][name]):.1e}")
-        assert rel_err(state["ours"][name], state["expected"][name]) <= 1e-4, name
-
-
-@torch.no_grad()
-def test_full_size_unet_matches_diffusers(state):
-    ref = diffusers_unet(ldm=state["sd"], config=unet_module.UNetConfig())
-    video, t, context = state["inputs"]["video"], state["inputs"]["t"], state["expected"]["context"][:1]
-    eps = torch.stack([ref(video[:, :, f], t, encoder_hidden_states=context).sample for f in range(video.shape[2])], 2)
-    state["expected"]["eps"] = eps
-    print(f"\nSD-1.5 UNet rel_err {rel_err(state['ours']['eps'], eps):.1e}")
-    assert rel_err(state["ours"]["eps"], eps) <= 1e-4
-    state["references"] = (transformers_clip(ldm=state["sd"], config=clip_text.CLIPTextConfig()),
-                           diffusers_vae(ldm=state["sd"], config=vae_module.VAEConfig()), ref)
-
-
-def test_full_size_diffusers_folder_loads_the_same_model(state):
-    folder = state["folder"] / "diffusers"
-    save_diffusers_folder(str(folder), *state.pop("references"))
-    del state["pipe"]
+@pytest.fixture(scope="module")
+def ours(checkpoint, inputs):
+    """Our pipeline loaded from the single file: its models' configs and parameter counts, and its
+    outputs. The pipeline is freed here, so it is never alive beside the references."""
+    pipe = simda.load_pipeline(checkpoint)
+    models = (pipe.unet, pipe.vae, pipe.text_encoder)
+    result = dict(configs=[m.config for m in models], counts=[sum(p.numel() for p in m.parameters()) for m in models],
+                  **outputs(pipe, inputs))
+    del pipe, models
     gc.collect()
-    ours = outputs(simda.load_pipeline(folder), state["inputs"])
-    for name, expected in state["expected"].items():
-        print(f"\nSD-1.5 from the diffusers folder: {name} rel_err {rel_err(ours[name], expected):.1e}")
-        assert rel_err(ours[name], expected) <= 1e-4, name
+    return result
+
+
+@torch.no_grad()
+def reference_outputs(text_encoder, vae, unet, inputs):
+    """The references' outputs on `inputs`; the UNet's frame by frame, on the reference text context."""
+    # The ids our pipeline feeds: its tokenizer is this one (clip_text's, with the shipped vocab).
+    context = text_encoder(input_ids=clip_text.Tokenizer()(PROMPTS)).last_hidden_state
+    posterior = vae.encode(inputs["images"]).latent_dist
+    video, t = inputs["video"], inputs["t"]
+    eps = torch.stack([unet(video[:, :, f], t, encoder_hidden_states=context[:1]).sample
+                       for f in range(video.shape[2])], 2)
+    return dict(context=context, mean=posterior.mean, logvar=posterior.logvar,
+                decoded=vae.decode(inputs["latents"]).sample, eps=eps)
+
+
+@pytest.fixture(scope="module")
+def references(checkpoint, inputs, tmp_path_factory):
+    """transformers' CLIP text model and diffusers' VAE and UNet, holding the checkpoint's weights as
+    those libraries' own LDM converters read them: their outputs on `inputs`, and a diffusers folder
+    they are saved to. The models are freed here: alive while a pipeline loads, they would add 4.3 GB."""
+    sd = load_file(checkpoint)
+    models = (transformers_clip(ldm=sd, config=clip_text.CLIPTextConfig()),
+              diffusers_vae(ldm=sd, config=vae_module.VAEConfig()),
+              diffusers_unet(ldm=sd, config=unet_module.UNetConfig()))
+    del sd
+    gc.collect()
+    folder = str(tmp_path_factory.mktemp("sd15") / "diffusers")
+    save_diffusers_folder(folder, *models)
+    result = dict(expected=reference_outputs(*models, inputs), folder=folder)
+    del models
+    gc.collect()
+    return result
+
+
+@pytest.fixture(scope="module")
+def expected(references):
+    return references["expected"]
+
+
+@pytest.fixture(scope="module")
+def diffusers_folder(references):
+    return references["folder"]
+
+
+def test_full_size_configs_inferred(ours):
+    unet_config, vae_config, text_config = ours["configs"]
+    assert unet_config == unet_module.UNetConfig()
+    assert vae_config == vae_module.VAEConfig()
+    assert text_config == clip_text.CLIPTextConfig()
+    assert ours["counts"] == [859_520_964, 83_653_863, 123_060_480]
+
+
+def test_full_size_text_encoder_matches_transformers(ours, expected):
+    print(f"\nSD-1.5 text encoder rel_err {rel_err(ours['context'], expected['context']):.1e}")
+    assert rel_err(ours["context"], expected["context"]) <= 1e-4
+
+
+def test_full_size_vae_matches_diffusers(ours, expected):
+    for name in ("mean", "logvar", "decoded"):
+        print(f"\nSD-1.5 VAE {name} rel_err {rel_err(ours[name], expected[name]):.1e}")
+        assert rel_err(ours[name], expected[name]) <= 1e-4, name
+
+
+def test_full_size_unet_matches_diffusers(ours, expected):
+    print(f"\nSD-1.5 UNet rel_err {rel_err(ours['eps'], expected['eps']):.1e}")
+    assert rel_err(ours["eps"], expected["eps"]) <= 1e-4
+
+
+def test_full_size_diffusers_folder_loads_the_same_model(inputs, expected, diffusers_folder):
+    # The pipeline is a temporary: freed as soon as its outputs are computed.
+    ours = outputs(simda.load_pipeline(diffusers_folder), inputs)
+    for name, value in expected.items():
+        print(f"\nSD-1.5 from the diffusers folder: {name} rel_err {rel_err(ours[name], value):.1e}")
+        assert rel_err(ours[name], value) <= 1e-4, name

@@ -143,6 +143,7 @@ def test_missing_checkpoint_says_where_to_put_the_weights(tmp_path, monkeypatch,
 
 @pytest.mark.parametrize("argv, fragments", [
     (["--size", "100"], ["100x100", "multiples of 8"]),
+    (["--size", "0"], ["0x0", "multiples of 8"]),  # as train.py
     (["--width", "24", "--height", "20"], ["24x20", "multiples of 8"]),
     (["--frames", "0"], ["--frames must be at least 1, got 0"]),
     (["--size", "16", "--width", "16"], ["either --size or --width/--height"]),

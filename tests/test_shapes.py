@@ -165,7 +165,7 @@ def test_components_match_a_reference_labelling():
 
 def test_webvid_folder_round_trips_through_data(tmp_path):
     count, seed = 16, 3  # seed 3 has green shapes, whose chroma edges split a shape into two under a
-    # closer-to-background-than-to-colour rule (the tracker's first version: 3% of frames here)
+    # closer-to-background-than-to-colour rule (such a rule misses 3% of the frames here)
     path = shapes.write_webvid(str(tmp_path), count, seed=seed, frames=8, size=64, fps=8)
     with open(path, newline="") as f:
         rows = list(csv.reader(f))

@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-import ddim
 import simda
 import train
 from adapters import SimDAConfig
@@ -161,6 +160,7 @@ def test_two_torchrun_processes_equal_one_process(straight, ckpt, videos, tmp_pa
 
 @pytest.mark.parametrize("changes, message", [
     ({"--size": "100"}, "video size 100x100 (width x height): both must be positive multiples of 8"),
+    ({"--size": "0"}, "video size 0x0 (width x height): both must be positive multiples of 8"),  # as sample.py
     ({"--width": "24", "--height": "12"}, "video size 24x12 (width x height)"),
     ({"--frames": "0"}, "--frames must be at least 1, got 0"),
     ({"--ckpt": "missing.safetensors"}, "checkpoint not found: missing.safetensors"),
@@ -222,16 +222,3 @@ def test_data_shapes_rejects_what_the_world_cannot_do(argv, message, ckpt, tmp_p
     with pytest.raises(SystemExit) as e:
         train.main(["--data", "shapes", "--ckpt", ckpt, "--out", str(tmp_path / "out"), *argv])
     assert e.value.code == 2 and f"error: {message}" in capsys.readouterr().err
-
-
-def test_timestep_bias_favours_the_noisiest_steps_and_zero_keeps_sds_uniform_draw():
-    def draws(bias, n=4000):
-        g = torch.Generator().manual_seed(0)
-        return torch.cat([ddim.draw_timestep(g, bias) for _ in range(n)])
-    g = torch.Generator().manual_seed(0)
-    assert torch.equal(draws(0, 50), torch.cat([torch.randint(0, 1000, (1,), generator=g) for _ in range(50)]))
-    uniform, biased = draws(0), draws(2.0)
-    assert biased.min() >= 0 and biased.max() <= 999
-    # density ~ (t / 1000)^2: P(t >= 800) = 1 - 0.8^3 = 0.488, against 0.2 for the uniform draw
-    assert abs((biased >= 800).float().mean() - 0.488) < 0.03, (biased >= 800).float().mean()
-    assert abs((uniform >= 800).float().mean() - 0.2) < 0.03
