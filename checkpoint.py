@@ -73,12 +73,13 @@ def write_atomic(path, write):
             os.close(fd)
 
 
-def remove_temporaries(folder):
-    """Delete the `*.tmp` files a killed `write_atomic` left in `folder`; returns their names."""
-    names = sorted(n for n in os.listdir(folder) if n.endswith(".tmp")) if os.path.isdir(folder) else []
-    for name in names:
+def remove_temporaries(folder, names):
+    """Delete the temporary files a killed `write_atomic` left for the files `names` in `folder`;
+    returns the names of those it deleted."""
+    left = [f"{name}.tmp" for name in names if os.path.exists(os.path.join(folder, f"{name}.tmp"))]
+    for name in left:
         os.remove(os.path.join(folder, name))
-    return names
+    return left
 
 
 def save_safetensors(tensors, path, metadata=None):

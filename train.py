@@ -120,10 +120,15 @@ def check_args(args):
         raise ValueError(f"--caption-dropout must be in [0, 1], got {args.caption_dropout}")
     if args.video is not None and not os.path.isfile(args.video):
         raise ValueError(f"--video {args.video} does not exist")
-    if os.path.exists(os.path.join(args.out, "state.pt")) != bool(args.resume):
-        raise ValueError(f"--resume: no saved run in {args.out} (no state.pt)" if args.resume else
-                         f"{args.out} already holds a run (state.pt): pass --resume to continue it, or another --out")
-    return argparse.Namespace(**{**vars(args), "frames": frames, "height": height, "width": width})
+    saved = os.path.exists(os.path.join(args.out, "state.pt"))
+    if saved and not args.resume:
+        raise ValueError(f"{args.out} already holds a run (state.pt): pass --resume to continue it, or another --out")
+    if args.resume and not saved:
+        if not os.path.exists(os.path.join(args.out, "log.jsonl")):
+            raise ValueError(f"--resume: no saved run in {args.out} (no state.pt)")
+        print(f"--resume: the run in {args.out} stopped before its first save; starting it over", file=sys.stderr)
+    return argparse.Namespace(**{**vars(args), "frames": frames, "height": height, "width": width,
+                                 "resume": args.resume and saved})
 
 
 def make_dataset(args, rank):
@@ -205,7 +210,7 @@ def open_output(run, dtype):
     step, and the run's first lines."""
     args = run.args
     os.makedirs(args.out, exist_ok=True)
-    for name in remove_temporaries(args.out):
+    for name in remove_temporaries(args.out, ["adapters.safetensors", "state.pt", "log.jsonl"]):
         print(f"removed {os.path.join(args.out, name)}, left by an interrupted write", file=sys.stderr)
     run.log = start_log(os.path.join(args.out, "log.jsonl"), run.step)
     run.progress = Progress("step", args.steps, done=run.step, redraw=False)
@@ -274,12 +279,13 @@ def after_step(run, loss):
         if step % args.log_every == 0 or step in (run.progress.first + 1, args.steps):
             skipped = f"  skipped {len(run.dataset.bad)}" if run.dataset.bad else ""
             run.progress.show(step, f"loss {loss:.4f}{skipped}")
+    # validation first: a kill inside it leaves a step that the resumed run redoes, GIFs included
+    if args.val_prompt and args.sample_every > 0 and (step % args.sample_every == 0 or step == args.steps):
+        validate(run)
     if step % args.save_every == 0 or step == args.steps:
         if run.rank == 0:
             save(run)
         run.saved = step
-    if args.val_prompt and args.sample_every > 0 and (step % args.sample_every == 0 or step == args.steps):
-        validate(run)
 
 
 def save(run):
