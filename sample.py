@@ -138,9 +138,8 @@ def run(args):
     if args.inverted:  # the inverted latents fix the shape; their metadata is what --edit used
         shape = read_inverted(args.inverted)[1]
         meta = {**meta, **{k: shape[k] for k in ("frames", "height", "width") if k in shape}}
-    frames, height, width = resolve_shape(args.frames, args.size, args.height, args.width,
-                                          defaults=[meta.get(k, d) for k, d in (("frames", DEFAULT_FRAMES),
-                                                    ("height", DEFAULT_SIZE), ("width", DEFAULT_SIZE))])
+    trained = (meta.get("frames", DEFAULT_FRAMES), meta.get("height", DEFAULT_SIZE), meta.get("width", DEFAULT_SIZE))
+    frames, height, width = resolve_shape(args.frames, args.size, args.height, args.width, defaults=trained)
     fps = args.fps or int(meta.get("fps", DEFAULT_FPS))
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
