@@ -95,3 +95,19 @@ def test_config_from_state_dict_round_trips(cfg):
     with torch.device("meta"):
         m = AutoencoderKL(cfg)
     assert config_from_state_dict(m.state_dict()) == cfg
+
+
+@torch.no_grad()
+def test_video_encode_and_decode_are_the_image_ones_frame_by_frame():
+    ours, _ = tiny_pair()
+    video = torch.rand(2, 3, 3, 16, 24, generator=torch.Generator().manual_seed(4)) * 2 - 1  # [B, C, F, H, W]
+    mean, logvar = ours.encode_video(video)
+    assert mean.shape == logvar.shape == (2, 4, 3, 8, 12)
+    for f in range(3):
+        frame_mean, frame_logvar = ours.encode(video[:, :, f])
+        assert torch.allclose(mean[:, :, f], frame_mean, atol=1e-6) and torch.allclose(logvar[:, :, f], frame_logvar, atol=1e-6)
+    decoded = ours.decode_video(mean)
+    assert decoded.shape == video.shape
+    assert torch.allclose(decoded[:, :, 1], ours.decode(mean[:, :, 1]), atol=1e-6)
+    with pytest.raises(ValueError, match=r"a video \[B, C, F, H, W\]"):
+        ours.encode_video(video[:, :, 0])
