@@ -34,8 +34,7 @@ CASES = ["sd_forward", "diffusers_forward", "simda_forward", "simda_train", "ani
 
 
 def diffusers_unet_config(c):
-    """diffusers' UNet2DConditionModel arguments for our UNetConfig (tests/reference.py builds its
-    oracles from it too)."""
+    """diffusers' UNet2DConditionModel arguments for our UNetConfig."""
     levels = len(c.channel_mult)
     return dict(
         sample_size=32, in_channels=c.in_channels, out_channels=c.out_channels,
@@ -46,15 +45,20 @@ def diffusers_unet_config(c):
         norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0)
 
 
-def peer_unet(unet):
-    """diffusers' UNet2DConditionModel holding our UNet's weights, converted by diffusers' own LDM converter."""
+def peer_unet(config, ldm):
+    """diffusers' UNet2DConditionModel for our UNetConfig, holding the weights of an LDM state dict
+    (`model.diffusion_model.*` keys) as diffusers' own converter reads them."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-    config = diffusers_unet_config(unet.config)
-    model = UNet2DConditionModel(**config)
-    ldm = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
-    model.load_state_dict(convert_ldm_unet_checkpoint(ldm, config), strict=True)
+    arguments = diffusers_unet_config(config)
+    model = UNet2DConditionModel(**arguments)
+    model.load_state_dict(convert_ldm_unet_checkpoint(ldm, arguments), strict=True)
     return model.eval()
+
+
+def peer_of(unet):
+    """The diffusers peer holding our UNet's weights."""
+    return peer_unet(unet.config, {UNET_PREFIX + k: v for k, v in unet.state_dict().items()})
 
 
 def peak_memory_gb(device):
@@ -91,7 +95,7 @@ def run_case(case, args):
     model = unet_module.UNet(config, simda_config)
 
     if case == "diffusers_forward":
-        model = peer_unet(model).to(device, dtype)
+        model = peer_of(model).to(device, dtype)
         frames = frames_to_batch(x)
         step = lambda: model(frames, t, encoder_hidden_states=context.repeat_interleave(args.frames, 0))  # noqa: E731
     elif case == "animatediff_train":
@@ -99,7 +103,7 @@ def run_case(case, args):
         motion_adapter = MotionAdapter(block_out_channels=[config.model_channels * m for m in config.channel_mult],
                                        motion_layers_per_block=config.num_res_blocks, motion_norm_num_groups=32,
                                        motion_num_attention_heads=config.num_heads, motion_max_seq_length=32)
-        model = UNetMotionModel.from_unet2d(peer_unet(model), motion_adapter).to(device, dtype)
+        model = UNetMotionModel.from_unet2d(peer_of(model), motion_adapter).to(device, dtype)
         model.freeze_unet2d_params()
         model.enable_gradient_checkpointing()
         model.train()

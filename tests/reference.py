@@ -1,17 +1,16 @@
 """Reference models (diffusers / transformers) built to match our configs, holding our weights as
 converted by the reference libraries' own LDM converters, so that our parameter names are checked
 against the official layout by an independent party. Tests only: product code never imports these
-(bench.py, which times the same diffusers UNet, holds the mapping of our UNet config to diffusers')."""
+(the UNet's is bench.py's `peer_unet`, the same model the benchmark times)."""
 import os
 import shutil
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                 convert_ldm_vae_checkpoint)
+from diffusers import AutoencoderKL
+from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from bench import diffusers_unet_config
+from bench import peer_unet
 from checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,10 +38,10 @@ def _build(model_class, config, sd):
 
 
 def diffusers_unet(unet=None, ldm=None, config=None):
-    """diffusers' UNet2DConditionModel holding our UNet's weights (or those of an LDM checkpoint dict)."""
-    config = diffusers_unet_config(config or unet.config)
+    """diffusers' UNet2DConditionModel holding our UNet's weights (or those of an LDM checkpoint dict):
+    bench.py's peer, which the benchmark times."""
     ldm = ldm if ldm is not None else {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
-    return _build(UNet2DConditionModel, config, convert_ldm_unet_checkpoint(ldm, config))
+    return peer_unet(config or unet.config, ldm)
 
 
 def diffusers_vae(vae=None, ldm=None, config=None):
