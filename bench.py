@@ -34,12 +34,16 @@ CASES = ["sd_forward", "diffusers_forward", "simda_forward", "simda_train", "ani
 
 
 def diffusers_unet_config(c):
-    """diffusers' UNet2DConditionModel arguments for our UNetConfig."""
+    """diffusers' UNet2DConditionModel arguments for our UNetConfig. diffusers' `attention_head_dim` is
+    the number of heads (per level where SD 2.x's 64-channel heads make it vary)."""
     levels = len(c.channel_mult)
+    heads = [c.heads(c.model_channels * m) for m in c.channel_mult]
     return dict(
         sample_size=32, in_channels=c.in_channels, out_channels=c.out_channels,
         block_out_channels=[c.model_channels * m for m in c.channel_mult],
-        layers_per_block=c.num_res_blocks, attention_head_dim=c.num_heads, cross_attention_dim=c.context_dim,
+        layers_per_block=c.num_res_blocks, attention_head_dim=heads if c.num_head_channels != -1 else c.num_heads,
+        cross_attention_dim=c.context_dim, use_linear_projection=c.use_linear_in_transformer,
+        upcast_attention=c.upcast_attention,
         down_block_types=["CrossAttnDownBlock2D" if i in c.attention_levels else "DownBlock2D" for i in range(levels)],
         up_block_types=["CrossAttnUpBlock2D" if i in c.attention_levels else "UpBlock2D" for i in reversed(range(levels))],
         norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0)

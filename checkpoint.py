@@ -1,26 +1,36 @@
-"""Weight files: writing them atomically, reading them safely, and loading Stable Diffusion 1.x
-checkpoints (the official single file, or a diffusers folder) into our models.
+"""Weight files: writing them atomically, reading them safely, and loading Stable Diffusion 1.x and
+2.x checkpoints (the official single file, or a diffusers folder) into our models.
 
-Our parameter names are the LDM keys, so loading SD is: strip a prefix (a diffusers folder is first
-renamed by rule), infer each model's config from the tensor shapes, and load strictly, listing
-whatever does not match. What no shape tells, the head counts, is the model family's rule: `SD1`.
+Our parameter names are the LDM keys, so loading SD is: strip a prefix (a diffusers folder, and SD
+2.x's OpenCLIP text tower, are first renamed by rule), infer each model's config from the tensor
+shapes, and load strictly, listing whatever does not match. What no shape tells (head counts, the
+text encoder's activation and padding, attention precision) is the model family's rule, `SD1` or
+`SD2`, and the family is told by the keys (single file) or the text encoder's config (folder).
+Whether the UNet predicts the noise or v is not in the weights either: `choose_prediction` reads
+what the checkpoint's metadata, scheduler config, file name or step count say.
 SimDA's adapters (adapters.py) are the only parameters a checkpoint does not hold; they get their
 fresh initialisation.
 """
+import json
+import re
 import os
 from dataclasses import dataclass
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import clip_text
+import ddim
 import unet as unet_module
 import vae as vae_module
 from adapters import is_adapter_key, reset_adapters
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+TEXT_PREFIX = "cond_stage_model.transformer.text_model."  # SD 1.x: OpenAI CLIP, transformers' names
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP's text tower
+SDXL_PREFIX = "conditioner.embedders."
 # What real SD-1.x files hold besides the three models, ignored by rule: the EMA copy of the UNet,
 # the DDPM schedule buffers of the training code (ddim.py recomputes the schedule) and CLIP's
 # position_ids buffer.
@@ -41,11 +51,24 @@ DIFFUSERS_FILES = {
 class Family:
     """What a model family fixes that the weights' shapes cannot tell."""
     name: str
-    unet_heads: int       # attention heads at every UNet level
-    text_head_width: int  # channels per head of the text encoder
+    text_prefix: str        # where a single file keeps the text encoder
+    unet_heads: int         # attention heads at every UNet level (-1: heads of unet_head_channels)
+    unet_head_channels: int  # channels per UNet head (-1: unet_heads heads)
+    upcast_attention: bool  # UNet attention in float32 under fp16/bf16
+    text_head_width: int    # channels per head of the text encoder
+    hidden_act: str         # the text encoder's MLP activation
+    pad_id: int             # the token id after <|endoftext|>
+    predictions: str        # what its models predict, for the user's information
 
 
-SD1 = Family("SD 1.x", unet_heads=8, text_head_width=64)  # LDM's v1 configs; CLIP ViT-L/14: 12 heads of 64
+# LDM's v1 configs; CLIP ViT-L/14: 12 heads of 64, quick GELU, padded with <|endoftext|>.
+SD1 = Family("SD 1.x", TEXT_PREFIX, unet_heads=8, unet_head_channels=-1, upcast_attention=False, text_head_width=64,
+             hidden_act="quick_gelu", pad_id=clip_text.EOS, predictions="epsilon")
+# Stability's v2 configs: 64-channel UNet heads, attention in float32 (their ATTN_PRECISION default);
+# OpenCLIP ViT-H/14: 16 heads of 64, exact GELU, padded with 0.
+SD2 = Family("SD 2.x", OPEN_CLIP_PREFIX, unet_heads=-1, unet_head_channels=64, upcast_attention=True,
+             text_head_width=64, hidden_act="gelu", pad_id=clip_text.OPEN_CLIP_PAD,
+             predictions="v (768-v models) or epsilon (512-base models)")
 
 
 class CheckpointError(ValueError):
@@ -100,20 +123,44 @@ def load_torch(path):
                               f"of tensors): {type(e).__name__}: {e}") from e
 
 
-def read_state_dict(path):
-    """A flat {key: tensor} dict from a .safetensors file or a (weights-only) torch pickle."""
+def safetensors_header(path):
+    """(keys, metadata) of a .safetensors file, without reading its tensors."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys()), f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint (expected a .safetensors file or a "
+                              f"torch state dict): {type(e).__name__}: {e}") from e
+
+
+def read_checkpoint(path):
+    """(state dict, facts) of a .safetensors file or a (weights-only) torch pickle: a flat {key: tensor}
+    dict, and what the file says about itself: {"metadata": the safetensors header's metadata,
+    "global_step": the step count a .ckpt was saved at}, where present."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    facts = {}
     try:
-        sd = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+        if path.endswith(".safetensors"):
+            facts["metadata"] = safetensors_header(path)[1]
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable checkpoint (expected a .safetensors file or a "
                               f"torch state dict): {type(e).__name__}: {e}") from e
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        if isinstance(sd.get("global_step"), int):
+            facts["global_step"] = sd["global_step"]
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors (found {type(sd).__name__})")
-    return sd
+    return sd, facts
+
+
+def read_state_dict(path):
+    """A flat {key: tensor} dict from a .safetensors file or a (weights-only) torch pickle."""
+    return read_checkpoint(path)[0]
 
 
 def describe(what, keys):
@@ -137,19 +184,23 @@ def key_problems(expected, given):
 
 # ---------------------------------------------------------------------------- SD checkpoints
 
-def check_family(keys, where):
-    """Name the model families we recognise but do not support, instead of failing on key lists."""
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise CheckpointError(f"{where} is an SDXL checkpoint; SDXL checkpoints are not supported (SD 1.x only)")
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        raise CheckpointError(f"{where} is an SD 2.x checkpoint (OpenCLIP text encoder); "
-                              "SD 2.x checkpoints are not supported yet (SD 1.x only)")
+def family_of(keys, where):
+    """The family of a single-file checkpoint, told by where it keeps its text encoder; the families
+    we recognise but do not support get a named error instead of a list of keys."""
+    keys = list(keys)
+    if any(k.startswith(SDXL_PREFIX) for k in keys):
+        raise CheckpointError(f"{where} is an SDXL checkpoint (two text encoders under '{SDXL_PREFIX}*'); "
+                              "SDXL is not supported (SD 1.x and 2.x only)")
+    for family in (SD1, SD2):
+        if any(k.startswith(family.text_prefix) for k in keys):
+            return family
+    raise CheckpointError(f"{where} is not a Stable Diffusion checkpoint: it has no text encoder under "
+                          f"'{TEXT_PREFIX}*' (SD 1.x) or '{OPEN_CLIP_PREFIX}*' (SD 2.x) (first keys: {sorted(keys)[:5]})")
 
 
-def split_ldm(sd, where):
-    """Split a single-file LDM state dict into (unet, vae, text encoder) dicts without their prefixes."""
-    check_family(sd.keys(), where)
-    parts = {UNET_PREFIX: {}, VAE_PREFIX: {}, TEXT_PREFIX: {}}
+def split_ldm(sd, where, family):
+    """Split a single-file LDM state dict into (unet, vae, text encoder) dicts in our names."""
+    parts = {UNET_PREFIX: {}, VAE_PREFIX: {}, family.text_prefix: {}}
     unexpected = []
     for key, value in sd.items():
         prefix = next((p for p in parts if key.startswith(p)), None)
@@ -158,11 +209,27 @@ def split_ldm(sd, where):
         elif not (prefix or key.startswith(EMA_PREFIX) or key in DDPM_BUFFERS):
             unexpected.append(key)
     if not parts[UNET_PREFIX]:
-        raise CheckpointError(f"{where} holds no '{UNET_PREFIX}*' weights: not a Stable Diffusion 1.x "
+        raise CheckpointError(f"{where} holds no '{UNET_PREFIX}*' weights: not a Stable Diffusion "
                               f"checkpoint (first keys: {sorted(sd)[:5]})")
     if unexpected:
         raise CheckpointError(f"{where}: {describe('unexpected', unexpected)}")
-    return parts[UNET_PREFIX], parts[VAE_PREFIX], parts[TEXT_PREFIX]
+    text = parts[family.text_prefix]
+    return parts[UNET_PREFIX], parts[VAE_PREFIX], clip_text.from_open_clip(text) if family is SD2 else text
+
+
+def folder_family(folder):
+    """The family of a diffusers folder: SD 2.x's text encoder uses the exact GELU (its config says
+    so; without a config, its 1024 width tells)."""
+    if os.path.isdir(os.path.join(folder, "text_encoder_2")):
+        raise CheckpointError(f"{folder} is an SDXL folder (it has text_encoder_2/); SDXL is not supported "
+                              "(SD 1.x and 2.x only)")
+    config = os.path.join(folder, "text_encoder", "config.json")
+    if os.path.exists(config):
+        with open(config) as f:
+            act = json.load(f).get("hidden_act")
+        if act in (SD1.hidden_act, SD2.hidden_act):
+            return SD2 if act == SD2.hidden_act else SD1
+    return None  # decided by the width, once the weights are read
 
 
 def read_diffusers_folder(folder):
@@ -174,10 +241,44 @@ def read_diffusers_folder(folder):
             raise CheckpointError(f"{folder} looks like a diffusers folder but has no {part}/ weights "
                                   f"(looked for {', '.join(names)})")
         parts[part] = read_state_dict(found[0])
-    if os.path.isdir(os.path.join(folder, "text_encoder_2")):
-        raise CheckpointError(f"{folder} is an SDXL folder; SDXL checkpoints are not supported (SD 1.x only)")
     return (unet_module.from_diffusers(parts["unet"]), vae_module.from_diffusers(parts["vae"]),
             clip_text.from_diffusers(parts["text_encoder"]))
+
+
+def choose_prediction(path, family, facts, prediction=None):
+    """(prediction, why): what the UNet predicts, "epsilon" or "v", and one phrase saying how we know.
+    The weights cannot tell; in order we trust the user, the checkpoint's own word (a diffusers
+    scheduler config, safetensors metadata), the file name of the official SD 2.x files (768-v
+    predict v; 512-base predict epsilon), and SD 2.0-base's step count; else the family's default."""
+    if prediction is not None:
+        ddim.check_prediction(prediction)
+        return prediction, "as asked"
+    said = facts.get("scheduler_config", {}).get("prediction_type")
+    source = "scheduler/scheduler_config.json"
+    metadata = facts.get("metadata", {})
+    if said is None and "modelspec.prediction_type" in metadata:  # Stability's model-spec header
+        source, said = "the file's metadata (modelspec.prediction_type)", metadata["modelspec.prediction_type"]
+    if said is None and str(metadata.get("ss_v_parameterization")).lower() == "true":  # kohya's trainers
+        source, said = "the file's metadata (ss_v_parameterization)", "v"
+    if said is not None:
+        named = {"epsilon": "epsilon", "v": "v", "v_prediction": "v", "velocity": "v"}.get(said)
+        if named is None:
+            raise CheckpointError(f"{path}: {source} says the model predicts {said!r}, which we do not support "
+                                  "(epsilon or v); override with --prediction")
+        return named, f"{source} says {said}"
+    if family is SD1:
+        return "epsilon", "as SD 1.x models do"
+    name = os.path.basename(os.path.normpath(path)).lower()
+    words = set(re.split(r"[^0-9a-z]+", name))  # whole words only: a hub cache's hash folder may hold "768"
+    size = ({"768", "512"} & words) or ({"512"} if "base" in words else set())
+    if size == {"768"}:
+        return "v", "SD 2.x file named 768: a 768-v model"
+    if size == {"512"}:
+        return "epsilon", "SD 2.x file named 512/base: a 512-base model"
+    if facts.get("global_step") == 875000:
+        return "epsilon", "SD 2.x saved at step 875000: SD 2.0-base"
+    return "v", ("SD 2.x, and nothing in the checkpoint says which prediction: assuming v, as the 768-v models "
+                 "predict (pass --prediction epsilon, or prediction='epsilon', for a 512-base model)")
 
 
 def build(model_class, config_of, sd, name, where, device, dtype, **options):
@@ -199,39 +300,58 @@ def build(model_class, config_of, sd, name, where, device, dtype, **options):
     return model
 
 
-def load_models(path, device="cpu", dtype=torch.float32, simda_config=None, family=SD1):
-    """(tokenizer, text encoder, VAE, UNet) of an SD checkpoint, frozen and in eval mode; the UNet
-    with fresh SimDA adapters when `simda_config` is given."""
+def load_models(path, device="cpu", dtype=torch.float32, simda_config=None, prediction=None):
+    """(tokenizer, text encoder, VAE, UNet, family name, prediction, why) of an SD 1.x or 2.x checkpoint:
+    the models frozen and in eval mode, the UNet with fresh SimDA adapters when `simda_config` is given;
+    what the UNet predicts ("epsilon" or "v"; `prediction` when given) and why we think so."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    vocab_dir = None
+    vocab_dir, facts = None, {}
     if os.path.isdir(path):
+        family = folder_family(path)
         unet_sd, vae_sd, text_sd = read_diffusers_folder(path)
+        if family is None:
+            width = text_sd.get("embeddings.token_embedding.weight", torch.zeros(0, 0)).shape[1]
+            family = SD2 if width == 1024 else SD1
         if os.path.exists(os.path.join(path, "tokenizer", "vocab.json")):
             vocab_dir = os.path.join(path, "tokenizer")
+        if os.path.exists(scheduler := os.path.join(path, "scheduler", "scheduler_config.json")):
+            with open(scheduler) as f:
+                facts["scheduler_config"] = json.load(f)
     else:
-        unet_sd, vae_sd, text_sd = split_ldm(read_state_dict(path), path)
+        if path.endswith(".safetensors"):
+            family_of(safetensors_header(path)[0], path)  # refuse other families before reading gigabytes
+        sd, facts = read_checkpoint(path)
+        family = family_of(sd.keys(), path)
+        unet_sd, vae_sd, text_sd = split_ldm(sd, path, family)
     for name, sd in (("VAE", vae_sd), ("text encoder", text_sd)):
         if not sd:
             raise CheckpointError(f"{path} holds no {name} weights")
-    unet = build(unet_module.UNet, lambda sd: unet_module.config_from_state_dict(sd, family.unet_heads), unet_sd,
-                 "UNet", path, device, dtype, simda_config=simda_config)
-    if unet.config.context_dim == 1024:
-        raise CheckpointError(f"{path} has a 1024-wide text context: SD 2.x checkpoints are not supported yet (SD 1.x only)")
-    text_encoder = build(clip_text.CLIPTextEncoder, lambda sd: clip_text.config_from_state_dict(sd, family.text_head_width),
+    prediction, why = choose_prediction(path, family, facts, prediction)
+    text_encoder = build(clip_text.CLIPTextEncoder,
+                         lambda sd: clip_text.config_from_state_dict(sd, family.text_head_width, family.hidden_act),
                          text_sd, "text encoder", path, device, dtype)
-    if text_encoder.config.width != unet.config.context_dim:
-        raise CheckpointError(f"{path}: the UNet attends to {unet.config.context_dim}-wide text states but the "
-                              f"text encoder is {text_encoder.config.width} wide")
+    context = unet_sd.get("middle_block.1.transformer_blocks.0.attn2.to_k.weight")
+    if context is not None and context.shape[1] != text_encoder.config.width:
+        raise CheckpointError(f"{path}: its {family.name} text encoder is {text_encoder.config.width} wide, but the UNet "
+                              f"attends to {context.shape[1]}-wide text states: the two are not one model "
+                              f"(a UNet of another SD version?)")
+    unet = build(unet_module.UNet, lambda sd: unet_module.config_from_state_dict(
+        sd, family.unet_heads, family.unet_head_channels, family.upcast_attention),
+        unet_sd, "UNet", path, device, dtype, simda_config=simda_config)
     vae = build(vae_module.AutoencoderKL, vae_module.config_from_state_dict, vae_sd, "VAE", path, device, dtype)
     models = [m.eval().requires_grad_(False) for m in (text_encoder, vae, unet)]
-    return (clip_text.Tokenizer(vocab_dir), *models)
+    return (clip_text.Tokenizer(vocab_dir, pad_id=family.pad_id), *models, family.name, prediction, why)
 
 
 def ldm_state_dict(text_encoder, vae, unet):
-    """The three models as one state dict in the official single-file layout."""
-    sd = {}
-    for prefix, model in ((TEXT_PREFIX, text_encoder), (VAE_PREFIX, vae), (UNET_PREFIX, unet)):
-        sd.update({prefix + k: v for k, v in model.state_dict().items()})
-    return sd
+    """The three models as one state dict in the official single-file layout of their family (SD 2.x
+    when the text encoder uses the exact GELU: OpenCLIP's names, plus the unused last layer as zeros)."""
+    text = text_encoder.state_dict()
+    if text_encoder.config.hidden_act == SD2.hidden_act:
+        text_part = (SD2.text_prefix, clip_text.to_open_clip(text))
+    else:
+        text_part = (SD1.text_prefix, text)
+    parts = [text_part, (VAE_PREFIX, vae.state_dict()), (UNET_PREFIX, unet.state_dict())]
+    return {prefix + k: v for prefix, part in parts for k, v in part.items()}

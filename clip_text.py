@@ -1,13 +1,18 @@
-"""CLIP text side of Stable Diffusion 1.x: the BPE tokenizer and the text transformer.
+"""CLIP text side of Stable Diffusion: the BPE tokenizer and the text transformer.
 
-SD-1.x conditions its UNet on the last hidden state of OpenAI's CLIP ViT-L/14 text model
+SD 1.x conditions its UNet on the last hidden state of OpenAI's CLIP ViT-L/14 text model
 (`cond_stage_model.transformer.text_model.*` in the single-file checkpoints). A prompt becomes
 77 token ids (<|startoftext|>, BPE tokens, <|endoftext|>, then <|endoftext|> as padding), and the
 encoder turns them into a [B, 77, 768] context for cross-attention. No attention mask is used:
-the padding tokens are attended to (causally), exactly as SD-1.x was trained.
+the padding tokens are attended to (causally), exactly as SD 1.x was trained.
 
-Parameter names are the official checkpoint keys with `cond_stage_model.transformer.text_model.`
-stripped, so loading a checkpoint is a prefix strip and a strict `load_state_dict`.
+SD 2.x uses OpenCLIP's ViT-H/14 text tower instead: 1024 wide, exact GELU, padding with id 0, and
+the output of its penultimate layer (then the final LayerNorm), so our model holds 23 of its 24
+layers. Its single-file keys are OpenCLIP's (`cond_stage_model.model.*`, q/k/v stacked in
+`in_proj_weight`); `from_open_clip` renames them by rule to the names used here.
+
+Parameter names are the official SD 1.x keys with `cond_stage_model.transformer.text_model.`
+stripped, so loading a checkpoint is a prefix strip (and for SD 2.x a rename) and a strict load.
 """
 import os
 import warnings
@@ -20,7 +25,8 @@ import tokenizers
 from tokenizers import Regex, models, normalizers, pre_tokenizers
 
 BOS = 49406  # <|startoftext|>
-EOS = 49407  # <|endoftext|>, also the padding token in SD-1.x
+EOS = 49407  # <|endoftext|>, also the padding token in SD 1.x
+OPEN_CLIP_PAD = 0  # SD 2.x pads with id 0 ("!"), as OpenCLIP's tokenizer does
 BOS_TEXT, EOS_TEXT = "<|startoftext|>", "<|endoftext|>"
 VOCAB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_vocab")
 
@@ -32,15 +38,22 @@ class CLIPTextConfig:
     width: int = 768
     layers: int = 12
     heads: int = 12
+    hidden_act: str = "quick_gelu"  # OpenAI CLIP's; OpenCLIP (SD 2.x) uses the exact "gelu"
 
     @classmethod
     def tiny(cls):
         return cls(width=128, layers=2, heads=2)
 
+    @classmethod
+    def sd2(cls):
+        """OpenCLIP ViT-H/14's text tower as SD 2.x runs it: 23 of its 24 layers (the penultimate output)."""
+        return cls(width=1024, layers=23, heads=16, hidden_act="gelu")
 
-def config_from_state_dict(sd, head_width) -> CLIPTextConfig:
+
+def config_from_state_dict(sd, head_width, hidden_act="quick_gelu") -> CLIPTextConfig:
     """Infer the config from tensor shapes (keys without the `...text_model.` prefix); the heads are
-    `head_width` channels wide, the model family's rule (checkpoint.py), as no shape holds it."""
+    `head_width` channels wide and the activation is `hidden_act`: the model family's rules
+    (checkpoint.py), as no shape holds them."""
     for key in ("embeddings.token_embedding.weight", "embeddings.position_embedding.weight"):
         if key not in sd:
             raise ValueError(f"CLIP text state dict has no {key!r}; found keys like {list(sd)[:3]}")
@@ -56,13 +69,77 @@ def config_from_state_dict(sd, head_width) -> CLIPTextConfig:
         raise ValueError(f"the text encoder is {width} wide, which {head_width}-channel heads do not divide: "
                          "not the model family these weights were taken for")
     return CLIPTextConfig(vocab_size=vocab_size, max_length=max_length, width=width,
-                          layers=len(layer_ids), heads=width // head_width)
+                          layers=len(layer_ids), heads=width // head_width, hidden_act=hidden_act)
 
 
 def from_diffusers(sd):
     """diffusers `text_encoder/` (transformers CLIPTextModel) keys -> ours. Older files carry a
     `text_model.` prefix, transformers 5 files do not; `position_ids` is a buffer we do not keep."""
     return {k.removeprefix("text_model."): v for k, v in sd.items() if not k.endswith("position_ids")}
+
+
+# OpenCLIP names -> ours, per layer and outside the layers. q/k/v are stacked in `attn.in_proj_*`.
+OPEN_CLIP_LAYER = {"ln_1": "layer_norm1", "attn.out_proj": "self_attn.out_proj", "ln_2": "layer_norm2",
+                   "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+OPEN_CLIP_OTHER = {"token_embedding.weight": "embeddings.token_embedding.weight",
+                   "positional_embedding": "embeddings.position_embedding.weight",
+                   "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
+# What SD 2.x never runs: the pooled-output projection and CLIP's temperature (the last layer is
+# dropped by number, as SD takes the penultimate layer's output).
+OPEN_CLIP_UNUSED = ("text_projection", "logit_scale")
+
+
+def from_open_clip(sd):
+    """OpenCLIP text-tower keys (without `cond_stage_model.model.`) -> ours, keeping the layers SD 2.x
+    runs: all but the last. Keys we do not know keep their names, for the strict load to report."""
+    last = max((int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks.")), default=-1)
+    out = {}
+    for key, value in sd.items():
+        parts = key.split(".")
+        if key in OPEN_CLIP_UNUSED or key.startswith(f"transformer.resblocks.{last}."):
+            continue
+        if key in OPEN_CLIP_OTHER:
+            out[OPEN_CLIP_OTHER[key]] = value
+        elif key.startswith("transformer.resblocks.") and len(parts) >= 5:
+            layer, name = f"encoder.layers.{parts[2]}.", ".".join(parts[3:])
+            if name in ("attn.in_proj_weight", "attn.in_proj_bias"):
+                kind = name.rsplit("_", 1)[1]  # weight or bias
+                for proj, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                    out[f"{layer}self_attn.{proj}.{kind}"] = chunk
+            else:
+                module, kind = name.rsplit(".", 1)
+                out[layer + f"{OPEN_CLIP_LAYER.get(module, module)}.{kind}"] = value
+        else:
+            out[key] = value
+    return out
+
+
+def to_open_clip(sd, unused=None):
+    """Ours -> OpenCLIP text-tower keys, as SD 2.x files hold them: our layers, then the last layer that
+    SD never runs, with `text_projection` and `logit_scale`. `unused` gives those tensors by their
+    OpenCLIP names; by default they are zeros (they do not change what SD computes)."""
+    back = {ours: theirs for theirs, ours in OPEN_CLIP_OTHER.items()}
+    layer_back = {ours: theirs for theirs, ours in OPEN_CLIP_LAYER.items()}
+    out, layers = {}, 0
+    for key, value in sd.items():
+        if key in back:
+            out[back[key]] = value
+            continue
+        parts = key.split(".")  # encoder.layers.N.<module...>.<weight|bias>
+        layers = max(layers, int(parts[2]) + 1)
+        prefix, module, kind = f"transformer.resblocks.{parts[2]}.", ".".join(parts[3:-1]), parts[-1]
+        if module == "self_attn.q_proj":
+            stacked = [sd[f"encoder.layers.{parts[2]}.self_attn.{p}.{kind}"] for p in ("q_proj", "k_proj", "v_proj")]
+            out[f"{prefix}attn.in_proj_{kind}"] = torch.cat(stacked)
+        elif module not in ("self_attn.k_proj", "self_attn.v_proj"):
+            out[f"{prefix}{layer_back[module]}.{kind}"] = value
+    width = sd["embeddings.token_embedding.weight"].shape[1]
+    template = {k.replace(f"resblocks.{layers - 1}.", f"resblocks.{layers}."): v for k, v in out.items()
+                if k.startswith(f"transformer.resblocks.{layers - 1}.")}
+    template.update(text_projection=torch.zeros(width, width), logit_scale=torch.zeros(()))
+    for key, value in template.items():
+        out[key] = (unused or {}).get(key, torch.zeros_like(value))
+    return out
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -74,16 +151,19 @@ CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L
 
 
 class Tokenizer:
-    """CLIP BPE tokenizer: prompt(s) -> LongTensor [B, max_length] of ids, as SD-1.x feeds them."""
+    """CLIP BPE tokenizer: prompt(s) -> LongTensor [B, max_length] of ids, as SD feeds them: BOS, the
+    tokens, EOS, then `pad_id` (SD 1.x: EOS again; SD 2.x: 0, as OpenCLIP pads). A "!" in a prompt
+    stays the BPE token it is, as in OpenCLIP's tokenizer (transformers' CLIPTokenizer(pad_token="!"),
+    which diffusers uses for SD 2.x, turns each "!" into the pad token 0 instead)."""
 
-    def __init__(self, vocab_dir=None, max_length: int = 77):
+    def __init__(self, vocab_dir=None, max_length: int = 77, pad_id: int = EOS):
         vocab_dir = VOCAB_DIR if vocab_dir is None else os.fspath(vocab_dir)
         vocab, merges = os.path.join(vocab_dir, "vocab.json"), os.path.join(vocab_dir, "merges.txt")
         missing = [p for p in (vocab, merges) if not os.path.isfile(p)]
         if missing:
             raise ValueError(f"CLIP tokenizer files not found: {missing} (expected vocab.json and merges.txt "
                              f"in {vocab_dir!r}, e.g. a diffusers folder's tokenizer/ directory)")
-        self.vocab_file, self.merges_file, self.max_length = vocab, merges, max_length
+        self.vocab_file, self.merges_file, self.max_length, self.pad_id = vocab, merges, max_length, pad_id
         # Word-final pieces carry "</w>" (so "cat" at the end of a word differs from "cat" inside one).
         bpe = models.BPE.from_file(vocab, merges, end_of_word_suffix="</w>", continuing_subword_prefix="",
                                    unk_token=EOS_TEXT, fuse_unk=False)
@@ -113,7 +193,7 @@ class Tokenizer:
         if isinstance(prompts, str):
             prompts = [prompts]
         room = self.max_length - 2  # BOS and EOS always stay
-        ids = torch.full((len(prompts), self.max_length), EOS, dtype=torch.long)
+        ids = torch.full((len(prompts), self.max_length), self.pad_id, dtype=torch.long)
         for i, prompt in enumerate(prompts):
             tokens = self.encode(prompt)
             if len(tokens) > room:
@@ -123,6 +203,7 @@ class Tokenizer:
                 tokens = tokens[:room]
             ids[i, 0] = BOS
             ids[i, 1:len(tokens) + 1] = torch.tensor(tokens, dtype=torch.long)
+            ids[i, len(tokens) + 1] = EOS
         return ids
 
 
@@ -149,12 +230,17 @@ class CLIPAttention(nn.Module):
 class CLIPMLP(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
+        if cfg.hidden_act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"hidden_act must be 'quick_gelu' or 'gelu', got {cfg.hidden_act!r}")
+        self.hidden_act = cfg.hidden_act
         self.fc1 = nn.Linear(cfg.width, 4 * cfg.width)
         self.fc2 = nn.Linear(4 * cfg.width, cfg.width)
 
     def forward(self, x):
         x = self.fc1(x)
-        return self.fc2(x * torch.sigmoid(1.702 * x))  # quick-GELU, what CLIP was trained with
+        if self.hidden_act == "gelu":  # OpenCLIP (SD 2.x)
+            return self.fc2(F.gelu(x))
+        return self.fc2(x * torch.sigmoid(1.702 * x))  # quick-GELU, what OpenAI's CLIP was trained with
 
 
 class CLIPEncoderLayer(nn.Module):

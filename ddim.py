@@ -1,13 +1,17 @@
-"""DDIM sampling and inversion with Stable Diffusion 1.x's noise schedule, as plain functions.
+"""DDIM sampling and inversion with Stable Diffusion's noise schedule, as plain functions.
 
 The schedule is SD's "scaled linear" one: betas spaced linearly in sqrt from 0.00085 to 0.012 over
 1000 training steps. SD (CompVis ldm) computes it in float64 and keeps alphas_cumprod in float32;
 we do the same, which agrees with diffusers' float32 DDIMScheduler to ~1e-6.
 
 Sampling conventions are SD's (diffusers DDIMScheduler with steps_offset=1, "leading" spacing,
-set_alpha_to_one=False, clip_sample=False, epsilon prediction): 50 steps visit 981, 961, ..., 1, and
-the last step goes to alphas_cumprod[0] rather than to a clean alpha of 1. We write a negative
-timestep for that "clean end" of the chain.
+set_alpha_to_one=False, clip_sample=False): 50 steps visit 981, 961, ..., 1, and the last step goes
+to alphas_cumprod[0] rather than to a clean alpha of 1. We write a negative timestep for that "clean
+end" of the chain. SD 2.x shares the schedule.
+
+What the model predicts is the checkpoint's `prediction`: "epsilon" (the noise; SD 1.x, SD 2.x
+512-base) or "v" (v = sqrt(a) * eps - sqrt(1 - a) * x0, Salimans & Ho 2022; SD 2.x 768-v). Every
+function converts the model's output to (eps, x0) with `split`, so the DDIM update is written once.
 
 Every function works on any latent shape: images [B, 4, h, w] or videos [B, 4, F, h, w].
 """
@@ -18,6 +22,7 @@ BETA_START, BETA_END = 0.00085, 0.012
 
 betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
 alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).float()  # [1000] float32, as SD stores it
+PREDICTIONS = ("epsilon", "v")
 
 
 def timesteps(num_inference_steps):
@@ -37,15 +42,29 @@ def _alpha(t):
     return alphas_cumprod[max(t, 0)]
 
 
-def step(x_t, eps, t, t_prev, eta=0.0, noise=None):
-    """One DDIM update x_t -> x_{t_prev} from the predicted noise eps (DDIM paper, eq. 12).
+def check_prediction(prediction):
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+
+def split(x_t, model_output, a_t, prediction="epsilon"):
+    """(eps, x0) of the noisy x_t whose model output is `model_output`, at alphas_cumprod a_t."""
+    if prediction == "epsilon":
+        return model_output, (x_t - (1 - a_t) ** 0.5 * model_output) / a_t**0.5
+    check_prediction(prediction)
+    # x_t = sqrt(a) x0 + sqrt(1-a) eps and v = sqrt(a) eps - sqrt(1-a) x0, a rotation, inverted:
+    return a_t**0.5 * model_output + (1 - a_t) ** 0.5 * x_t, a_t**0.5 * x_t - (1 - a_t) ** 0.5 * model_output
+
+
+def step(x_t, model_output, t, t_prev, eta=0.0, noise=None, prediction="epsilon"):
+    """One DDIM update x_t -> x_{t_prev} from the model's output at t (DDIM paper, eq. 12).
 
     t_prev < 0 marks the final step. eta = 0 is deterministic DDIM; eta > 0 adds sigma_t * noise, and the
     caller must pass `noise` (a standard normal tensor shaped like x_t), so this function stays pure.
     The alphas are float32 0-d tensors, so the arithmetic runs in x_t's dtype, as in diffusers.
     """
     a_t, a_prev = _alpha(t), _alpha(t_prev)
-    x0 = (x_t - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+    eps, x0 = split(x_t, model_output, a_t, prediction)
     if eta == 0:  # deterministic; also valid run backwards (t_prev > t), which inversion relies on
         return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
     if noise is None:
@@ -54,12 +73,15 @@ def step(x_t, eps, t, t_prev, eta=0.0, noise=None):
     return a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps + sigma * noise
 
 
-def invert_step(x_t, eps, t, t_next):
+def invert_step(x_t, model_output, t, t_next, prediction="epsilon"):
     """One DDIM inversion update x_t -> x_{t_next}, t_next > t: the deterministic update run backwards.
 
     t < 0 is the clean end (alphas_cumprod[0]), matching where sampling's final step lands. The caller
-    passes eps predicted at t_next (see `invert`), the timestep at which sampling will later evaluate it.
+    passes the output predicted at t_next (see `invert`), the timestep at which sampling will later
+    evaluate it. A v output is turned into eps with t_next's alpha, the noise level the model was told:
+    that is the eps an eps-model would have predicted there, so both predictions invert alike.
     """
+    eps, _ = split(x_t, model_output, _alpha(t_next), prediction)  # what an eps model would have said at t_next
     return step(x_t, eps, t, t_next)  # the eta=0 update is the same formula in either direction
 
 
@@ -73,16 +95,32 @@ def draw_timestep(gen, bias=0.0):
     return (u ** (1 / (1 + bias)) * NUM_TRAIN_TIMESTEPS).long().clamp(max=NUM_TRAIN_TIMESTEPS - 1)
 
 
+def _alphas(t, like):
+    """alphas_cumprod at the timesteps t [B], shaped [B, 1, 1, ...] to broadcast against `like`."""
+    a = alphas_cumprod.to(device=like.device, dtype=like.dtype)[t.to(like.device)]
+    return a.reshape(-1, *([1] * (like.dim() - 1)))
+
+
 def add_noise(x0, noise, t):
-    """The forward process q(x_t | x0) for training: t is a LongTensor [B], one timestep per sample."""
-    a = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t.to(x0.device)]
-    a = a.reshape(-1, *([1] * (x0.dim() - 1)))  # [B] -> [B, 1, 1, ...]
+    """The forward process q(x_t | x0) for training: t is a LongTensor [B], one timestep per sample.
+    The same for either prediction; only the regression target differs (`target`)."""
+    a = _alphas(t, x0)
     return a**0.5 * x0 + (1 - a) ** 0.5 * noise
 
 
+def target(x0, noise, t, prediction="epsilon"):
+    """What the model must output for add_noise(x0, noise, t): the noise, or v."""
+    if prediction == "epsilon":
+        return noise
+    check_prediction(prediction)
+    a = _alphas(t, x0)
+    return a**0.5 * noise - (1 - a) ** 0.5 * x0
+
+
 @torch.no_grad()
-def sample(x_T, eps_fn, num_inference_steps, eta=0.0, generator=None):
-    """Run the DDIM sampler from noise x_T to x0. eps_fn(x, t) returns the predicted noise; t is an int.
+def sample(x_T, model_fn, num_inference_steps, eta=0.0, generator=None, prediction="epsilon"):
+    """Run the DDIM sampler from noise x_T to x0. model_fn(x, t) returns the model's output (the noise,
+    or v: `prediction`); t is an int.
 
     With eta > 0 the step noise is drawn on the CPU with torch.randn from `generator` (None: the global
     RNG) and then moved to x's device, so that a seed means the same noise on every device.
@@ -94,15 +132,15 @@ def sample(x_T, eps_fn, num_inference_steps, eta=0.0, generator=None):
         noise = None
         if eta > 0:
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)  # a CPU generator
-        x = step(x, eps_fn(x, t), t, t_prev, eta=eta, noise=noise)
+        x = step(x, model_fn(x, t), t, t_prev, eta=eta, noise=noise, prediction=prediction)
     return x
 
 
 @torch.no_grad()
-def invert(x0, eps_fn, num_inference_steps):
+def invert(x0, model_fn, num_inference_steps, prediction="epsilon"):
     """DDIM inversion of a clean latent x0 to the x_T that `sample` maps back to x0 (Tune-A-Video style).
 
-    Each step goes from the previous timestep (the clean end first) up to t, with eps_fn evaluated at t
+    Each step goes from the previous timestep (the clean end first) up to t, with model_fn evaluated at t
     on the current, less noisy latent: the mirror image of the sampler's step from t, so the round trip
     is exact when eps does not depend on x, and close when it depends on x mildly.
     """
@@ -110,5 +148,5 @@ def invert(x0, eps_fn, num_inference_steps):
     x = x0
     for i, t in enumerate(ts):
         t_from = ts[i - 1] if i > 0 else -1
-        x = invert_step(x, eps_fn(x, t), t_from, t)
+        x = invert_step(x, model_fn(x, t), t_from, t, prediction)
     return x

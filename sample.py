@@ -73,12 +73,14 @@ def edit_latents(args, pipe, meta, frames, height, width):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Sample videos from SD 1.x + SimDA adapters, or edit a clip (one-shot).")
+    p = argparse.ArgumentParser(description="Sample videos from SD 1.x/2.x + SimDA adapters, or edit a clip (one-shot).")
     add = p.add_argument
     add("prompt", nargs="*", help="prompt(s); one video each")
     add("--prompts", metavar="FILE", help="a text file of prompts, one a line (blank lines skipped), after the others")
-    add("--ckpt", metavar="PATH", help="SD 1.x checkpoint, single file or diffusers folder (default: $SIMDA_CKPT, "
+    add("--ckpt", metavar="PATH", help="SD 1.x or 2.x checkpoint, single file or diffusers folder (default: $SIMDA_CKPT, "
                                        f"else {simda.DEFAULT_CHECKPOINT}, else the built-in demo model and its adapters)")
+    add("--prediction", choices=ddim.PREDICTIONS, help="what the checkpoint's UNet predicts (default: what the "
+                                                        "checkpoint says; SD 2.x files that say nothing: v)")
     add("--adapters", metavar="PATH", help="SimDA adapter file from train.py (default: none, the plain image model, "
                                            "every frame on its own)")
     add("--frames", type=int, help=f"frames per video (default: the adapters' metadata, else {DEFAULT_FRAMES})")
@@ -144,7 +146,8 @@ def run(args):
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     print(f"loading {ckpt} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
-    pipe = simda.load_pipeline(ckpt, device, dtype, adapters=adapters)
+    pipe = simda.load_pipeline(ckpt, device, dtype, adapters=adapters, prediction=args.prediction)
+    print(f"{pipe.family} checkpoint, predicts {pipe.prediction} ({pipe.prediction_source})", file=sys.stderr)
     if not adapters:
         print("no --adapters: the plain image model samples every frame on its own", file=sys.stderr)
     check_shape(frames, height, width, pipe.vae.config.downsample_factor)

@@ -1,11 +1,12 @@
-"""SimDA, the library's front door: load Stable Diffusion with SimDA's adapters as a `Pipeline`,
-sample videos with it, and save and load adapter files.
+"""SimDA, the library's front door: load Stable Diffusion (1.x or 2.x) with SimDA's adapters as a
+`Pipeline`, sample videos with it, and save and load adapter files.
 
     pipe = simda.load_pipeline("checkpoints/v1-5-pruned-emaonly.safetensors", adapters="out/adapters.safetensors")
     frames = pipe("a dog surfing", frames=16)   # uint8 [B, F, H, W, 3]
 
 Sampling is DDIM (ddim.py) with classifier-free guidance: the conditional and the unconditional
-(negative prompt) noise predictions come from one batched UNet call. The starting noise is drawn on
+(negative prompt) predictions come from one batched UNet call. What the UNet predicts, the noise or
+v (SD 2.x 768-v), is the pipeline's `prediction`; checkpoint.py infers it, the user may override it. The starting noise is drawn on
 the CPU from a generator seeded with `seed` and then moved, so the same seed on the same device
 gives the same video. `invert` is DDIM inversion, for one-shot editing (the paper's Sec. 3.4).
 The models are vae.py, clip_text.py and unet.py (SimDA's modules: adapters.py); checkpoint.py
@@ -44,6 +45,9 @@ class Pipeline:
     text_encoder: clip_text.CLIPTextEncoder
     vae: vae_module.AutoencoderKL
     unet: unet_module.UNet
+    family: str = "SD 1.x"  # checkpoint.SD1 or SD2's name
+    prediction: str = "epsilon"  # what the UNet outputs: "epsilon" (the noise) or "v"
+    prediction_source: str = ""  # why we think so (checkpoint.choose_prediction)
 
     @property
     def device(self):
@@ -58,34 +62,36 @@ class Pipeline:
         """Prompts -> the text encoder's states [B, 77, D], the UNet's cross-attention context."""
         return self.text_encoder(self.tokenizer(prompts).to(self.device))
 
-    def eps_model(self, context, guidance):
-        """eps(x, t) with classifier-free guidance. `context` is [uncond; cond] ([2B, 77, D]) when
-        guidance != 1, else just cond. Latents stay float32; the UNet runs in the pipeline's dtype."""
+    def guided_model(self, context, guidance):
+        """The UNet's output (eps or v) as a function of (x, t), with classifier-free guidance: `context`
+        is [uncond; cond] ([2B, 77, D]) when guidance != 1, else just cond. Guiding v is guiding eps:
+        for a given x_t, v is affine in eps and the guidance weights sum to 1. Latents stay float32;
+        the UNet runs in the pipeline's dtype."""
         guided = guidance != 1
 
-        def eps(x, t):
+        def model(x, t):
             x_in = torch.cat([x, x]) if guided else x
             out = self.unet(x_in.to(self.dtype), t, context).float()
             if not guided:
                 return out
             uncond, cond = out.chunk(2)
             return uncond + guidance * (cond - uncond)
-        return eps
+        return model
 
     @torch.no_grad()
     def denoise(self, x, context, steps=50, guidance=7.5, eta=0.0, generator=None, progress=True):
         """DDIM (ddim.sample) from x (scaled latents [B, 4, F, h, w] at the first timestep) to clean
         latents (float32), with a progress line. With eta > 0 the step noise comes from `generator`."""
-        eps = with_progress(self.eps_model(context, guidance), Progress("sampling", steps, enabled=progress))
-        return ddim.sample(x.float(), eps, steps, eta=eta, generator=generator)
+        model = with_progress(self.guided_model(context, guidance), Progress("sampling", steps, enabled=progress))
+        return ddim.sample(x.float(), model, steps, eta=eta, generator=generator, prediction=self.prediction)
 
     @torch.no_grad()
     def invert(self, latents, prompt, steps=50, progress=True):
         """DDIM inversion of clean scaled latents [1, 4, F, h, w] under `prompt`, without guidance, to the
         noisy latents that `denoise` with the same prompt, steps, guidance 1 and eta 0 maps back to them."""
-        eps = with_progress(self.eps_model(self.text_context([prompt]), guidance=1),
-                            Progress("inverting", steps, enabled=progress))
-        return ddim.invert(latents.float(), eps, steps)
+        model = with_progress(self.guided_model(self.text_context([prompt]), guidance=1),
+                              Progress("inverting", steps, enabled=progress))
+        return ddim.invert(latents.float(), model, steps, prediction=self.prediction)
 
     @torch.no_grad()
     def encode(self, video):
@@ -123,13 +129,13 @@ class Pipeline:
         return self.decode(self.denoise(x, context, steps, guidance, eta, generator, progress))
 
 
-def with_progress(eps, progress):
-    """`eps` that also ticks a progress line: one model call per DDIM step."""
-    def eps_with_progress(x, t):
-        out = eps(x, t)
+def with_progress(model, progress):
+    """`model` that also ticks a progress line: one model call per DDIM step."""
+    def model_with_progress(x, t):
+        out = model(x, t)
         progress.tick()
         return out
-    return eps_with_progress
+    return model_with_progress
 
 
 def default_checkpoint():
@@ -147,15 +153,25 @@ def default_checkpoint():
         f"Hugging Face Hub, and put it in checkpoints/ (or set SIMDA_CKPT, or pass --ckpt, to its path).")
 
 
-def load_pipeline(path, device="cpu", dtype=torch.float32, adapters=None, simda_config=None):
-    """Load an SD-1.x checkpoint (single file or diffusers folder) as a Pipeline of frozen eval-mode
-    modules. `adapters`: a SimDA adapter file, whose config and weights the UNet takes; or
-    `simda_config`: fresh adapters (for training); neither: the plain per-frame SD UNet."""
-    adapter_weights = None
+def load_pipeline(path, device="cpu", dtype=torch.float32, adapters=None, simda_config=None, prediction=None):
+    """Load an SD 1.x or 2.x checkpoint (single file or diffusers folder; the family is told by the
+    weights) as a Pipeline of frozen eval-mode modules. `adapters`: a SimDA adapter file, whose config
+    and weights the UNet takes; or `simda_config`: fresh adapters (for training); neither: the plain
+    per-frame SD UNet. `prediction`: "epsilon" or "v" overrides what the checkpoint suggests (None),
+    else the adapters' metadata, which records what they were trained with; the pipeline's
+    `.prediction` and `.prediction_source` say which is used and why."""
+    adapter_weights, meta = None, {}
     if adapters is not None:
         adapter_weights, meta = read_adapters(os.fspath(adapters))
         simda_config = SimDAConfig(**meta["simda_config"])
-    pipe = Pipeline(*load_models(path, device, dtype, simda_config))
+    trained = prediction is None and meta.get("prediction") is not None
+    pipe = Pipeline(*load_models(path, device, dtype, simda_config, meta["prediction"] if trained else prediction))
+    if trained:
+        pipe.prediction_source = f"the adapters were trained so ({os.fspath(adapters)})"
+    if adapter_weights is not None and meta.get("family", pipe.family) != pipe.family:
+        trained_on = f" ({meta['checkpoint']})" if meta.get("checkpoint") else ""
+        raise CheckpointError(f"{adapters} holds adapters trained on {meta['family']}{trained_on}, "
+                              f"but {path} is {pipe.family}: train adapters for this checkpoint")
     if adapter_weights is not None:
         load_adapters(pipe.unet, adapter_weights, os.fspath(adapters))
     return pipe

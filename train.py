@@ -1,4 +1,4 @@
-"""Train SimDA's adapters on a frozen Stable Diffusion 1.x: text-to-video on WebVid-style data, or
+"""Train SimDA's adapters on a frozen Stable Diffusion (1.x or 2.x): text-to-video on WebVid-style data, or
 one-shot tuning on a single clip for video editing (the paper's Sec. 3.4).
 
     python train.py --data webvid_subset --out out/webvid
@@ -8,7 +8,8 @@ one-shot tuning on a single clip for video editing (the paper's Sec. 3.4).
 
 Each step: encode the captions with the frozen CLIP text encoder and the clips with the frozen VAE
 (a posterior sample, times LATENT_SCALE), noise the latents at random timesteps (ddim.add_noise) and
-regress the noise (epsilon prediction, MSE); AdamW updates the adapters only.
+regress what the frozen UNet predicts (ddim.target: the noise, or v for SD 2.x 768-v models; MSE);
+AdamW updates the adapters only.
 
 Every random draw of a sample (video, start frame, flip, caption dropout, posterior noise, timestep,
 noise) is seeded by (--seed, global sample index), so --resume continues a run exactly and a
@@ -45,7 +46,7 @@ from video import DEFAULT_FRAMES, DEFAULT_SIZE, check_shape, output_paths, resol
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Train SimDA adapters on a frozen SD 1.x (text-to-video, or one-shot "
+    p = argparse.ArgumentParser(description="Train SimDA adapters on a frozen SD 1.x/2.x (text-to-video, or one-shot "
                                             "on one clip for editing). Multi-GPU: torchrun --nproc_per_node N train.py ...")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", metavar="DIR", help="WebVid-style CSV (or a folder holding one, videos under videos/), "
@@ -53,9 +54,12 @@ def build_parser():
                                                    "or 'shapes': fresh videos of the synthetic world of shapes.py")
     src.add_argument("--video", metavar="CLIP", help="one-shot tuning on this clip (frames from its start); needs --prompt")
     p.add_argument("--prompt", help="--video: the caption of the clip (stored in the adapters' metadata)")
-    p.add_argument("--ckpt", metavar="PATH", help=f"SD 1.x checkpoint (file or diffusers folder); default: $SIMDA_CKPT, "
+    p.add_argument("--ckpt", metavar="PATH", help=f"SD 1.x or 2.x checkpoint (file or diffusers folder); default: $SIMDA_CKPT, "
                                                   f"else {simda.DEFAULT_CHECKPOINT}; with --data shapes, the demo "
                                                   f"image model {simda.DEMO_CHECKPOINT}")
+    p.add_argument("--prediction", choices=ddim.PREDICTIONS,
+                   help="what the checkpoint's UNet predicts, the training target (default: what the checkpoint "
+                        "says; SD 2.x files that say nothing: v)")
     p.add_argument("--out", default="out/train", help="output folder (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out (state.pt) up to --steps")
     p.add_argument("--frames", type=int, help=f"frames per clip (default: {DEFAULT_FRAMES}; with --data shapes {shapes.FRAMES})")
@@ -181,7 +185,7 @@ def build_run(args):
     torch.manual_seed(args.seed)  # the adapters' initialisation
     simda_config = simda.SimDAConfig(spatial_adapters=not args.no_spatial_adapters,
                                      temporal_adapters=not args.no_temporal_adapters, latent_shift=not args.no_latent_shift)
-    pipe = simda.load_pipeline(ckpt, device, torch.float32, simda_config=simda_config)
+    pipe = simda.load_pipeline(ckpt, device, torch.float32, simda_config=simda_config, prediction=args.prediction)
     check_shape(args.frames, args.height, args.width, pipe.vae.config.downsample_factor)
     pipe.unet.gradient_checkpointing = args.gradient_checkpointing
     params = freeze_for_training(pipe.unet)
@@ -191,7 +195,7 @@ def build_run(args):
     config = dict(batch_size=args.batch_size, seed=args.seed, frames=args.frames, stride=args.stride, height=args.height,
                   width=args.width, caption_dropout=args.caption_dropout, hflip=args.hflip, lr=args.lr,
                   timestep_bias=args.timestep_bias, cache_latents=args.cache_latents, data=args.data or args.video,
-                  simda_config=dataclasses.asdict(simda_config))
+                  simda_config=dataclasses.asdict(simda_config), prediction=pipe.prediction)
     run = Run(args, rank, world, device, ckpt, config, dataset, pipe, model, params,
               torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay),
               torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
@@ -218,12 +222,14 @@ def open_output(run, dtype):
     stride = "" if args.data == "shapes" else f" (stride {args.stride})"
     print(f"{source}, {args.frames} frames of {args.width}x{args.height}{stride}, global batch {args.batch_size} on "
           f"{run.world} process(es), {run.device}, precision {str(dtype).removeprefix('torch.')}")
+    print(f"{run.pipe.family} checkpoint {run.ckpt}, predicts {run.pipe.prediction} ({run.pipe.prediction_source})")
     print(trainable_summary(run.pipe.unet), flush=True)
 
 
 @torch.no_grad()
 def make_inputs(pipe, batch, gs, seed, device, timestep_bias=0.0):
-    """(noisy latents, timesteps, noise, text context) for the samples gs: [(clip or (mean, logvar), caption)]."""
+    """(noisy latents, timesteps, target, text context) for the samples gs: [(clip or (mean, logvar), caption)];
+    the target is what the UNet should output, the noise or v (the pipeline's prediction)."""
     clips, captions = zip(*batch)
     context = pipe.text_context(list(captions))
     if isinstance(clips[0], tuple):  # cached posterior moments, each [4, F, h, w]
@@ -235,7 +241,7 @@ def make_inputs(pipe, batch, gs, seed, device, timestep_bias=0.0):
     gens = [data.generator(seed, "noise", g) for g in gs]
     t = torch.cat([ddim.draw_timestep(gen, timestep_bias) for gen in gens]).to(device)
     noise = torch.stack([torch.randn(latents.shape[1:], generator=gen) for gen in gens]).to(device)
-    return ddim.add_noise(latents, noise, t), t, noise, context
+    return ddim.add_noise(latents, noise, t), t, ddim.target(latents, noise, t, pipe.prediction), context
 
 
 def train_step(run):
@@ -243,9 +249,9 @@ def train_step(run):
     args = run.args
     gs = [run.step * args.batch_size + j for j in range(run.rank, args.batch_size, run.world)]  # this rank's samples
     with run.autocast():
-        noisy, t, noise, context = make_inputs(run.pipe, [run.dataset.sample(g, run.cache) for g in gs], gs, args.seed,
-                                               run.device, args.timestep_bias)
-        loss = F.mse_loss(run.model(noisy, t, context).float(), noise)
+        noisy, t, target, context = make_inputs(run.pipe, [run.dataset.sample(g, run.cache) for g in gs], gs, args.seed,
+                                                run.device, args.timestep_bias)
+        loss = F.mse_loss(run.model(noisy, t, context).float(), target)
     value = loss.detach().clone()
     if run.world > 1:
         dist.all_reduce(value)
@@ -294,7 +300,7 @@ def save(run):
     args = run.args
     os.fsync(run.log.fileno())
     meta = dict(frames=args.frames, stride=args.stride, height=args.height, width=args.width, checkpoint=run.ckpt,
-                step=run.step)
+                family=run.pipe.family, prediction=run.pipe.prediction, step=run.step)
     if args.video:
         meta.update(prompt=args.prompt, video=args.video)
     if args.data == "shapes":

@@ -1,6 +1,6 @@
-"""The Stable Diffusion 1.x UNet, inflated to video.
+"""The Stable Diffusion UNet (1.x and 2.x), inflated to video.
 
-The network is the CompVis/LDM `UNetModel` with SD-1.x settings: a sinusoidal time embedding,
+The network is the CompVis/LDM `UNetModel` with SD's settings: a sinusoidal time embedding,
 ResBlocks, SpatialTransformers (self-attention, cross-attention to the text, GEGLU feed-forward)
 and skip connections from every input block to its mirror output block. It takes video latents
 [B, C, F, h, w] and runs every 2D layer frame by frame: the frames are folded into the batch on the
@@ -11,9 +11,11 @@ Given an `adapters.SimDAConfig`, the UNet also carries SimDA's modules (adapters
 own names beside the SD ones: `attn_adapter` and `ffn_adapter` in every TransformerBlock,
 `temporal_adapter` at the entry of every SpatialTransformer, and latent-shift self-attention.
 
-The head count is not in any weight's shape: SD 1.x uses 8 heads at every level (so the head width
-grows with the channels); `config_from_state_dict` takes it from the caller (checkpoint.py states
-each family's rule) and checks that every transformer's width divides by it.
+SD 2.x changes three things (LDM's v2 configs): heads of 64 channels instead of 8 heads per level,
+Linear `proj_in`/`proj_out` instead of 1x1 convolutions (`use_linear_in_transformer`), and a
+1024-wide text context; Stability's code also computes attention in float32 under fp16/bf16
+(`upcast_attention`). The head count is not in any weight's shape: `config_from_state_dict` takes
+it from the caller (checkpoint.py states each family's rule) and checks that the widths divide.
 """
 import math
 import re
@@ -37,11 +39,23 @@ class UNetConfig:
     num_res_blocks: int = 2
     attention_levels: tuple = (0, 1, 2)  # levels with a SpatialTransformer (LDM: attention_resolutions 4, 2, 1)
     num_heads: int = 8  # SD 1.x: 8 heads at every level; the head width grows with the channels
+    num_head_channels: int = -1  # SD 2.x: heads of 64 channels (num_heads is then unused); -1: off
+    use_linear_in_transformer: bool = False  # SD 2.x: Linear proj_in/proj_out, not 1x1 convolutions
+    upcast_attention: bool = False  # attention in float32 when the model runs in fp16/bf16 (SD 2.x)
     context_dim: int = 768
 
     @classmethod
     def tiny(cls):
         return cls(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(0, 1), context_dim=128)
+
+    @classmethod
+    def sd2(cls):
+        return cls(num_heads=-1, num_head_channels=64, use_linear_in_transformer=True, upcast_attention=True,
+                   context_dim=1024)
+
+    def heads(self, channels):
+        """The number of attention heads of a transformer `channels` wide (LDM's rule)."""
+        return channels // self.num_head_channels if self.num_head_channels != -1 else self.num_heads
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -96,9 +110,9 @@ class Upsample(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention of the tokens x over the tokens of `context` (x itself when None)."""
 
-    def __init__(self, dim, heads, context_dim=None):
+    def __init__(self, dim, heads, context_dim=None, upcast=False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.upcast = heads, upcast
         context_dim = context_dim or dim
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim, dim, bias=False)
@@ -114,7 +128,10 @@ class Attention(nn.Module):
         b, n, d = q.shape
         # b n (heads d) -> b heads n d
         q, k, v = (z.reshape(b, -1, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -142,11 +159,11 @@ class TransformerBlock(nn.Module):
     """Self-attention, cross-attention to the text, feed-forward; each pre-LayerNorm and residual.
     With SimDA: latent-shift self-attention, an adapter on its output and one beside the feed-forward."""
 
-    def __init__(self, dim, heads, context_dim, simda_config=None):
+    def __init__(self, dim, heads, context_dim, simda_config=None, upcast=False):
         super().__init__()
-        self.attn1 = Attention(dim, heads)
+        self.attn1 = Attention(dim, heads, upcast=upcast)
         self.ff = FeedForward(dim)
-        self.attn2 = Attention(dim, heads, context_dim)
+        self.attn2 = Attention(dim, heads, context_dim, upcast=upcast)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
@@ -170,28 +187,36 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    def __init__(self, channels, heads, context_dim, simda_config=None):
+    def __init__(self, channels, heads, context_dim, simda_config=None, linear=False, upcast=False):
         super().__init__()
         if simda_config and simda_config.temporal_adapters:
             self.temporal_adapter = TemporalAdapter(channels, simda_config.temporal_ratio)
         else:
             self.temporal_adapter = None
         self.norm = normalization(channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, channels, 1)
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim, simda_config)])
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        # SD 1.x projects with 1x1 convolutions before the tokens are laid out, SD 2.x with Linear
+        # layers after: the same map, stored in different shapes.
+        self.linear = linear
+        self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim, simda_config, upcast)])
+        self.proj_out = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
 
     def forward(self, x, context, frames):
         if self.temporal_adapter is not None:
             x = frames_to_batch(self.temporal_adapter(batch_to_frames(x, frames)))
         b, c, h, w = x.shape
-        z = self.proj_in(self.norm(x))
-        # b c h w -> b (h w) c
-        z = z.flatten(2).transpose(1, 2)
+        z = self.norm(x)
+        if self.linear:  # b c h w -> b (h w) c, then project
+            z = self.proj_in(z.flatten(2).transpose(1, 2))
+        else:  # project, then b c h w -> b (h w) c
+            z = self.proj_in(z).flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
             z = block(z, context, frames, h, w)
-        z = z.transpose(1, 2).reshape(b, c, h, w)
-        return x + self.proj_out(z)
+        if self.linear:  # project, then b (h w) c -> b c h w
+            z = self.proj_out(z).transpose(1, 2).reshape(b, c, h, w)
+        else:
+            z = self.proj_out(z.transpose(1, 2).reshape(b, c, h, w))
+        return x + z
 
 
 def run_block(block, h, emb, context, frames, size, checkpointing=False):
@@ -222,7 +247,8 @@ class UNet(nn.Module):
         mc, emb_dim, levels = c.model_channels, c.model_channels * 4, len(c.channel_mult)
 
         def transformer(ch):
-            return SpatialTransformer(ch, c.num_heads, c.context_dim, simda_config)
+            return SpatialTransformer(ch, c.heads(ch), c.context_dim, simda_config, c.use_linear_in_transformer,
+                                      c.upcast_attention)
 
         # time_embed: [0] linear [1] SiLU [2] linear
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -282,9 +308,10 @@ class UNet(nn.Module):
         return batch_to_frames(self.out(h), frames)
 
 
-def config_from_state_dict(sd, num_heads) -> UNetConfig:
+def config_from_state_dict(sd, num_heads=8, num_head_channels=-1, upcast_attention=False) -> UNetConfig:
     """Infer the UNet's configuration from the shapes of its weights (keys without the checkpoint
-    prefix); `num_heads`, which no shape holds, is the model family's (checkpoint.py)."""
+    prefix); the heads and the attention precision, which no shape holds, are the model family's
+    (checkpoint.py)."""
     mc = sd["input_blocks.0.0.weight"].shape[0]
     levels = 1 + sum(1 for k in sd if re.fullmatch(r"input_blocks\.\d+\.0\.op\.weight", k))
     num_input_blocks = len({k.split(".")[1] for k in sd if k.startswith("input_blocks.")})
@@ -296,13 +323,15 @@ def config_from_state_dict(sd, num_heads) -> UNetConfig:
         if f"input_blocks.{first}.1.proj_in.weight" in sd:
             attention_levels.append(level)
     widths = {mc * channel_mult[level] for level in attention_levels} | {mc * channel_mult[-1]}  # + the middle block
-    if any(width % num_heads for width in sorted(widths)):
-        raise ValueError(f"the transformers are {sorted(widths)} channels wide, which {num_heads} heads do not divide: "
+    rule = f"{num_head_channels}-channel heads" if num_head_channels != -1 else f"{num_heads} heads"
+    if any(width % (num_head_channels if num_head_channels != -1 else num_heads) for width in widths):
+        raise ValueError(f"the transformers are {sorted(widths)} channels wide, which {rule} do not divide: "
                          "not the model family these weights were taken for")
     return UNetConfig(
         in_channels=sd["input_blocks.0.0.weight"].shape[1], out_channels=sd["out.2.weight"].shape[0],
         model_channels=mc, channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks,
-        attention_levels=tuple(attention_levels), num_heads=num_heads,
+        attention_levels=tuple(attention_levels), num_heads=num_heads, num_head_channels=num_head_channels,
+        use_linear_in_transformer=sd["middle_block.1.proj_in.weight"].dim() == 2, upcast_attention=upcast_attention,
         context_dim=sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1])
 
 

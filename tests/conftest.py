@@ -1,6 +1,7 @@
 """What the tests share: the project root on sys.path, weight perturbation, relative error, and the
 one tiny SD (models, single-file checkpoint and UNet inputs) that the tests run on."""
 import copy
+import dataclasses
 import os
 import sys
 
@@ -50,6 +51,33 @@ def tiny_models():
     models = (clip_text.CLIPTextEncoder(clip_text.CLIPTextConfig.tiny()),
               vae_module.AutoencoderKL(vae_module.VAEConfig.tiny()), unet_module.UNet(unet_module.UNetConfig.tiny()))
     return tuple(perturb_(m, seed).eval() for seed, m in enumerate(models))
+
+
+def tiny_sd2_configs():
+    """(text, VAE, UNet) configs of a tiny SD 2.x: OpenCLIP-style text encoder (exact GELU, 64-channel
+    heads), 64-channel UNet heads with linear projections and upcast attention, 128-wide context."""
+    text = dataclasses.replace(clip_text.CLIPTextConfig.sd2(), width=128, layers=2, heads=2)
+    unet = dataclasses.replace(unet_module.UNetConfig.sd2(), model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
+                               attention_levels=(0, 1), context_dim=128)
+    return text, vae_module.VAEConfig.tiny(), unet
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_models():
+    """(text encoder, VAE, UNet) of a tiny SD 2.x, eval mode, every parameter moved off its default init."""
+    torch.manual_seed(0)
+    text, vae, unet = tiny_sd2_configs()
+    models = (clip_text.CLIPTextEncoder(text), vae_module.AutoencoderKL(vae), unet_module.UNet(unet))
+    return tuple(perturb_(m, 10 + seed).eval() for seed, m in enumerate(models))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_checkpoint(tiny_sd2_models, tmp_path_factory):
+    """The tiny SD 2.x as one single file in the official layout (OpenCLIP text keys, written by
+    checkpoint.ldm_state_dict). Its name says nothing about the prediction, so it loads as v."""
+    path = str(tmp_path_factory.mktemp("tiny-sd2") / "tiny-sd2.safetensors")
+    save_safetensors(ldm_state_dict(*tiny_sd2_models), path)
+    return path
 
 
 @pytest.fixture

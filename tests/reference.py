@@ -7,11 +7,12 @@ import shutil
 
 import torch
 from diffusers import AutoencoderKL
-from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint
+from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint,
+                                                 convert_open_clip_checkpoint)
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from bench import peer_unet
-from checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from checkpoint import OPEN_CLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, ldm_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +27,7 @@ def diffusers_vae_config(c):
 def transformers_clip_config(c):
     return CLIPTextConfig(vocab_size=c.vocab_size, max_position_embeddings=c.max_length, hidden_size=c.width,
                           intermediate_size=4 * c.width, num_hidden_layers=c.layers, num_attention_heads=c.heads,
-                          hidden_act="quick_gelu", layer_norm_eps=1e-5)
+                          hidden_act=c.hidden_act, layer_norm_eps=1e-5)
 
 
 def _build(model_class, config, sd):
@@ -51,10 +52,30 @@ def diffusers_vae(vae=None, ldm=None, config=None):
 
 
 def transformers_clip(text_encoder=None, ldm=None, config=None):
-    ldm = ldm if ldm is not None else {TEXT_PREFIX + k: v for k, v in text_encoder.state_dict().items()}
-    sd = convert_ldm_clip_checkpoint({k: v for k, v in ldm.items() if k.startswith(TEXT_PREFIX)})
+    """transformers' CLIPTextModel holding our text encoder's weights (or an LDM checkpoint's: SD 1.x's
+    `cond_stage_model.transformer.*` or SD 2.x's OpenCLIP `cond_stage_model.model.*` keys), converted by
+    diffusers' own single-file converters."""
+    config = config or text_encoder.config
+    if ldm is None:
+        ldm = ldm_state_dict(text_encoder, *_no_models())
+    hf_config = transformers_clip_config(config)
+    if any(k.startswith(OPEN_CLIP_PREFIX) for k in ldm):
+        sd = convert_open_clip_checkpoint(CLIPTextModel(hf_config), {k: v for k, v in ldm.items()
+                                                                      if k.startswith(OPEN_CLIP_PREFIX)})
+        # diffusers drops SD 2.x's unused last layer by its full-size name (resblocks.23) and keeps the
+        # projection; at other depths we drop them here
+        sd = {k: v for k, v in sd.items() if not k.startswith((f"text_model.encoder.layers.{config.layers}.",
+                                                                "text_projection"))}
+    else:
+        sd = convert_ldm_clip_checkpoint({k: v for k, v in ldm.items() if k.startswith(TEXT_PREFIX)})
     sd = {k.removeprefix("text_model."): v for k, v in sd.items()}  # transformers 5 names them without it
-    return _build(CLIPTextModel, transformers_clip_config(config or text_encoder.config), sd)
+    return _build(CLIPTextModel, hf_config, sd)
+
+
+def _no_models():
+    """Empty stand-ins for the VAE and UNet, for ldm_state_dict of a text encoder alone."""
+    empty = torch.nn.Module()
+    return empty, empty
 
 
 def save_diffusers_folder(folder, text_encoder, vae, unet):

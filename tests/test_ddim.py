@@ -120,3 +120,136 @@ def test_timestep_bias_favours_the_noisiest_steps_and_zero_keeps_sds_uniform_dra
     # density ~ (t / 1000)^2: P(t >= 800) = 1 - 0.8^3 = 0.488, against 0.2 for the uniform draw
     assert abs((biased >= 800).float().mean() - 0.488) < 0.03, (biased >= 800).float().mean()
     assert abs((uniform >= 800).float().mean() - 0.2) < 0.03
+
+
+# ---------------------------------------------------------------------------- v-prediction (SD 2.x 768-v)
+
+def sd_v_scheduler():
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+                         prediction_type="v_prediction")
+
+
+def constant_eps_as_v(c):
+    """The v-model equivalent to the x-independent eps model eps(x, t) = c[t]: the v of the (eps, x0)
+    that x at t splits into under that eps."""
+    def v_fn(x, t):
+        a = ddim.alphas_cumprod[t]
+        x0 = (x - (1 - a) ** 0.5 * c[t]) / a**0.5
+        return a**0.5 * c[t] - (1 - a) ** 0.5 * x0
+    return v_fn
+
+
+@pytest.mark.parametrize("n", [25, 50])
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_v_step_trajectory_matches_diffusers(n, eta):
+    ref = sd_v_scheduler()
+    ref.set_timesteps(n)
+    ts = ddim.timesteps(n).tolist()
+    assert ts == ref.timesteps.tolist()
+    v_fn = random_eps_fn(seed=8)  # as a v prediction: a fixed random part per timestep plus 0.1 * x
+    g = torch.Generator().manual_seed(9)
+    x = x_ref = torch.randn(SHAPE, generator=g)
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        noise = torch.randn(SHAPE, generator=g)
+        x = ddim.step(x, v_fn(x, t), t, t_prev, eta=eta, noise=noise, prediction="v")
+        x_ref = ref.step(v_fn(x_ref, t), t, x_ref, eta=eta, variance_noise=noise).prev_sample
+        assert rel_err(x, x_ref) <= 1e-5, f"step {i} (t={t})"
+    # ... and reading the v output as eps gives another trajectory: the prediction is really used
+    eps_read = ddim.step(x_ref, v_fn(x_ref, 981), 981, 961)
+    assert rel_err(eps_read, ddim.step(x_ref, v_fn(x_ref, 981), 981, 961, prediction="v")) > 0.01
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_v_sample_matches_diffusers_loop(eta):
+    ref = sd_v_scheduler()
+    ref.set_timesteps(25)
+    v_fn = random_eps_fn(seed=10)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(11))
+    x_ref, g = x_T, torch.Generator().manual_seed(12)
+    for t in ref.timesteps:
+        x_ref = ref.step(v_fn(x_ref, t), t, x_ref, eta=eta, generator=g).prev_sample
+    ours = ddim.sample(x_T, v_fn, 25, eta=eta, generator=torch.Generator().manual_seed(12), prediction="v")
+    assert rel_err(ours, x_ref) <= 1e-5
+
+
+def test_v_target_is_diffusers_velocity_and_epsilon_target_is_the_noise():
+    g = torch.Generator().manual_seed(13)
+    x0, noise = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    for t in (torch.tensor([0, 999]), torch.tensor([500, 1]), torch.randint(0, 1000, (2,), generator=g)):
+        v = ddim.target(x0, noise, t, "v")
+        assert v.shape == x0.shape
+        assert rel_err(v, sd_v_scheduler().get_velocity(x0, noise, t)) <= 1e-6
+        assert torch.equal(ddim.target(x0, noise, t, "epsilon"), noise)
+        assert torch.equal(ddim.target(x0, noise, t), noise)  # the default
+    # the two samples of a batch get their own timestep's alpha
+    t = torch.tensor([10, 900])
+    v = ddim.target(x0, noise, t, "v")
+    for i in range(2):
+        assert torch.allclose(v[i:i + 1], ddim.target(x0[i:i + 1], noise[i:i + 1], t[i:i + 1], "v"))
+
+
+@pytest.mark.parametrize("t", [0, 1, 500, 981, 999])
+def test_split_inverts_the_v_rotation(t):
+    g = torch.Generator().manual_seed(14)
+    x0, eps = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    x_t = ddim.add_noise(x0, eps, torch.tensor([t, t]))
+    v = ddim.target(x0, eps, torch.tensor([t, t]), "v")
+    a = ddim.alphas_cumprod[t]
+    got_eps, got_x0 = ddim.split(x_t, v, a, "v")
+    assert rel_err(got_eps, eps) <= 1e-5 and rel_err(got_x0, x0) <= 1e-5
+    # epsilon: the output is eps itself, and x0 follows from x_t (ill-conditioned near t=999: alpha is tiny)
+    got_eps, got_x0 = ddim.split(x_t, eps, a, "epsilon")
+    assert torch.equal(got_eps, eps)
+    assert rel_err(got_x0, x0) <= (1e-5 if t <= 500 else 1e-3)
+
+
+@pytest.mark.parametrize("n", [10, 50])
+def test_v_invert_then_sample_reconstructs_for_a_constant_eps_v_model(n):
+    c = {t: torch.randn(SHAPE, generator=torch.Generator().manual_seed(100 + t)) for t in ddim.timesteps(n).tolist()}
+    v_fn, eps_fn = constant_eps_as_v(c), lambda x, t: c[t]
+    x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(15))
+    x_T = ddim.invert(x0, v_fn, n, prediction="v")
+    assert rel_err(x_T, x0) > 0.5
+    assert rel_err(x_T, ddim.invert(x0, eps_fn, n)) <= 1e-5  # both predictions invert alike
+    assert rel_err(ddim.sample(x_T, v_fn, n, prediction="v"), x0) <= 1e-5
+    # the sampler, too, cannot tell the v model from the eps model it is equivalent to
+    assert rel_err(ddim.sample(x_T, v_fn, n, prediction="v"), ddim.sample(x_T, eps_fn, n)) <= 1e-5
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: ddim.split(x, x, ddim.alphas_cumprod[500], "x"),
+    lambda x: ddim.step(x, x, 981, 961, prediction="v_prediction"),
+    lambda x: ddim.step(x, x, 981, 961, eta=0.5, noise=x, prediction="sample"),
+    lambda x: ddim.invert_step(x, x, -1, 1, "eps"),
+    lambda x: ddim.invert(x, lambda y, t: y, 3, prediction="x"),
+    lambda x: ddim.sample(x, lambda y, t: y, 3, prediction="x"),
+    lambda x: ddim.target(x, x, torch.tensor([1, 2]), "x"),
+    lambda x: ddim.check_prediction("V"),
+])
+def test_unknown_prediction_is_a_value_error_naming_the_choices(call):
+    with pytest.raises(ValueError, match=r"prediction must be one of \('epsilon', 'v'\)"):
+        call(torch.randn(SHAPE))
+    assert ddim.PREDICTIONS == ("epsilon", "v")
+
+
+def test_old_positional_step_call_keeps_the_epsilon_default():
+    eps_fn = random_eps_fn(seed=16)
+    ref = sd_scheduler()
+    ref.set_timesteps(10)
+    ts = ddim.timesteps(10).tolist()
+    x = x_ref = torch.randn(SHAPE, generator=torch.Generator().manual_seed(17))
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        eps = eps_fn(x, t)
+        old = ddim.step(x, eps, t, t_prev)
+        assert torch.equal(old, ddim.step(x, eps, t, t_prev, 0.0, None, "epsilon"))
+        x_ref = ref.step(eps_fn(x_ref, t), t, x_ref).prev_sample
+        x = old
+        assert rel_err(x, x_ref) <= 1e-5, f"step {i} (t={t})"
+    x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(18))
+    assert torch.equal(ddim.invert(x0, eps_fn, 5), ddim.invert(x0, eps_fn, 5, prediction="epsilon"))
+    assert torch.equal(ddim.sample(x0, eps_fn, 5), ddim.sample(x0, eps_fn, 5, prediction="epsilon"))
+    eps = eps_fn(x0, 21)
+    assert torch.equal(ddim.invert_step(x0, eps, 1, 21), ddim.invert_step(x0, eps, 1, 21, "epsilon"))

@@ -98,8 +98,8 @@ def test_guidance_combines_cond_and_uncond_from_one_batch(pipe):
     x = torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cond_eps, uncond_eps = pipe.unet(x, 501, context), pipe.unet(x, 501, uncond)
-        guided = pipe.eps_model(torch.cat([uncond, context]), guidance=7.5)(x, 501)
-        plain = pipe.eps_model(context, guidance=1)(x, 501)
+        guided = pipe.guided_model(torch.cat([uncond, context]), guidance=7.5)(x, 501)
+        plain = pipe.guided_model(context, guidance=1)(x, 501)
     # one batch vs two calls round differently, and guidance scales the difference by 7.5
     assert rel_err(guided, uncond_eps + 7.5 * (cond_eps - uncond_eps)) < 1e-4
     assert rel_err(plain, cond_eps) < 1e-6
@@ -113,7 +113,7 @@ def test_denoise_is_ddims_sampler(pipe, eta):
     x = torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(0))
     ours = pipe.denoise(x, context, steps=4, guidance=1, eta=eta, generator=torch.Generator().manual_seed(1),
                           progress=False)
-    eps = pipe.eps_model(context, guidance=1)
+    eps = pipe.guided_model(context, guidance=1)
     assert torch.equal(ours, ddim.sample(x, eps, 4, eta=eta, generator=torch.Generator().manual_seed(1)))
 
 
