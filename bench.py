@@ -2,6 +2,7 @@
 
     python bench.py                      # SD-1.5 size, 16 frames of 32x32 latents (16x256x256 video)
     python bench.py --tiny --repeats 1   # a quick smoke run on the tiny config
+    python bench.py --upscale            # the video upscaler: 16 frames, 256x256 -> 1024x1024
 
 Each measurement runs in a fresh child process, so that its peak memory (max RSS on CPU, peak
 allocated on CUDA) is its own. Weights are random (the same seed for ours and the peer's copy);
@@ -43,7 +44,8 @@ def diffusers_unet_config(c):
         block_out_channels=[c.model_channels * m for m in c.channel_mult],
         layers_per_block=c.num_res_blocks, attention_head_dim=heads if c.num_head_channels != -1 else c.num_heads,
         cross_attention_dim=c.context_dim, use_linear_projection=c.use_linear_in_transformer,
-        upcast_attention=c.upcast_attention,
+        upcast_attention=c.upcast_attention, num_class_embeds=c.num_classes or None,
+        only_cross_attention=[i in c.disable_self_attentions for i in range(levels)],
         down_block_types=["CrossAttnDownBlock2D" if i in c.attention_levels else "DownBlock2D" for i in range(levels)],
         up_block_types=["CrossAttnUpBlock2D" if i in c.attention_levels else "UpBlock2D" for i in reversed(range(levels))],
         norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0)
@@ -134,6 +136,70 @@ def run_case(case, args):
                 params=sum(p.numel() for p in model.parameters()))
 
 
+def bench_upscale(args):
+    """Time and peak memory of the video upscaler (SimDA on SD's x4 upscaler, random weights): one
+    `upscale` of `--frames` frames of `--size` pixels to 4x, `--sr-steps` DDIM steps with guidance,
+    the UNet's ResBlocks on `--frame-chunk` frames at a time, the VAE decoding 2 frames at a time."""
+    import clip_text
+    import ddim
+    import simda
+    import vae as vae_module
+    from checkpoint import X4
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.tiny:
+        text = clip_text.CLIPTextConfig(width=128, layers=2, heads=2, hidden_act="gelu")
+        configs = (text, vae_module.VAEConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1),
+                   unet_module.UNetConfig(in_channels=7, model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1,
+                                          attention_levels=(1, 2), use_linear_in_transformer=True, context_dim=128,
+                                          num_classes=1000, disable_self_attentions=(1,)))
+    else:
+        configs = (clip_text.CLIPTextConfig.sd2(), vae_module.VAEConfig.x4_upscaler(), unet_module.UNetConfig.x4_upscaler())
+    torch.manual_seed(0)
+    with torch.device(device):
+        models = [clip_text.CLIPTextEncoder(configs[0]), vae_module.AutoencoderKL(configs[1]),
+                  unet_module.UNet(configs[2], SimDAConfig())]
+    models = [m.to(dtype).eval().requires_grad_(False) for m in models]
+    if dtype == torch.float16:
+        models[1].float()  # as load_upscaler keeps it
+    pipe = simda.Pipeline(clip_text.Tokenizer(pad_id=X4.pad_id), *models, X4.name, "v", "bench", X4.latent_scale,
+                          ddim.make_alphas_cumprod(*X4.betas))
+    pipe.vae.chunk_size = 2
+    pipe.unet.frame_chunk = args.frame_chunk
+    low_res = torch.rand(1, 3, args.frames, args.size, args.size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    phases, decode = {}, pipe.decode_pixels
+
+    def timed_decode(latents):  # the text encoder and the UNet's steps come before, the VAE decode after
+        sync()
+        phases["text + UNet"] = (time.perf_counter() - start, peak_memory_gb(device))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        begin = time.perf_counter()
+        out = decode(latents)
+        sync()
+        phases["VAE decode"] = (time.perf_counter() - begin, peak_memory_gb(device))
+        return out
+    pipe.decode_pixels = timed_decode
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    out = pipe.upscale(low_res, ["a dog surfing"], steps=args.sr_steps, progress=False)
+    sync()
+    seconds = time.perf_counter() - start
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()}, {os.cpu_count()} cores"
+    print(f"machine: {where}; torch {torch.__version__}; {args.dtype}; {'tiny' if args.tiny else 'full-size'} video "
+          f"upscaler; {args.frames} frames {args.size}x{args.size} -> {tuple(out.shape[-2:])}; {args.sr_steps} steps, "
+          f"guidance 9; frame chunk {args.frame_chunk or 'off'}")
+    what = "allocated on the GPU" if device.type == "cuda" else "process max RSS, so far"
+    for phase, (spent, peak) in phases.items():
+        print(f"{phase}: {spent * 1000:.4g} ms, peak memory {peak:.3g} GB ({what})")
+    print(f"total {seconds * 1000:.4g} ms, {seconds / args.frames * 1000:.4g} ms per output frame")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=16, help="video frames (default: 16)")
@@ -144,8 +210,15 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="the tiny UNet config instead of SD-1.5 (a smoke run)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {CASES}")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
+    parser.add_argument("--upscale", action="store_true", help="time the video upscaler instead (--frames, --size: "
+                                                               "the low-res input)")
+    parser.add_argument("--sr-steps", type=int, default=75, help="--upscale: DDIM steps (default: %(default)s)")
+    parser.add_argument("--frame-chunk", type=int, default=0, help="--upscale: ResBlocks on this many frames at a "
+                                                                   "time, 0: all (default: %(default)s)")
     args = parser.parse_args()
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    if args.upscale:
+        return bench_upscale(args)
     if args.size % 64:
         parser.error(f"--size must be a multiple of 64 (8 for the VAE times 8 for the UNet's levels), got {args.size}")
     if args.case:

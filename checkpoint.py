@@ -59,6 +59,8 @@ class Family:
     hidden_act: str         # the text encoder's MLP activation
     pad_id: int             # the token id after <|endoftext|>
     predictions: str        # what its models predict, for the user's information
+    latent_scale: float = 0.18215  # the diffusion model sees VAE latents times this
+    betas: tuple = (0.00085, 0.012)  # the training noise schedule's (beta_start, beta_end), scaled linear
 
 
 # LDM's v1 configs; CLIP ViT-L/14: 12 heads of 64, quick GELU, padded with <|endoftext|>.
@@ -69,6 +71,13 @@ SD1 = Family("SD 1.x", TEXT_PREFIX, unet_heads=8, unet_head_channels=-1, upcast_
 SD2 = Family("SD 2.x", OPEN_CLIP_PREFIX, unet_heads=-1, unet_head_channels=64, upcast_attention=True,
              text_head_width=64, hidden_act="gelu", pad_id=clip_text.OPEN_CLIP_PAD,
              predictions="v (768-v models) or epsilon (512-base models)")
+# Stability's x4-upscaling.yaml: SD 2.x's text tower, a UNet with 8 heads and the low-res image's noise
+# level as a class label, a 3-level VAE (x4, not x8) with its own latent scale, and its own schedule.
+X4 = Family("SD x4 upscaler", OPEN_CLIP_PREFIX, unet_heads=8, unet_head_channels=-1, upcast_attention=True,
+            text_head_width=64, hidden_act="gelu", pad_id=clip_text.OPEN_CLIP_PAD, predictions="v",
+            latent_scale=0.08333, betas=(0.0001, 0.02))
+X4_LABEL_KEY = UNET_PREFIX + "label_emb.weight"  # only the upscaler's UNet has a class embedding
+LOW_SCALE_PREFIX = "low_scale_model."  # the upscaler's noise-augmentation schedule buffers, recomputed by us
 
 
 class CheckpointError(ValueError):
@@ -193,7 +202,7 @@ def family_of(keys, where):
                               "SDXL is not supported (SD 1.x and 2.x only)")
     for family in (SD1, SD2):
         if any(k.startswith(family.text_prefix) for k in keys):
-            return family
+            return X4 if family is SD2 and X4_LABEL_KEY in keys else family
     raise CheckpointError(f"{where} is not a Stable Diffusion checkpoint: it has no text encoder under "
                           f"'{TEXT_PREFIX}*' (SD 1.x) or '{OPEN_CLIP_PREFIX}*' (SD 2.x) (first keys: {sorted(keys)[:5]})")
 
@@ -206,7 +215,7 @@ def split_ldm(sd, where, family):
         prefix = next((p for p in parts if key.startswith(p)), None)
         if prefix is not None and not key.endswith("position_ids"):
             parts[prefix][key[len(prefix):]] = value
-        elif not (prefix or key.startswith(EMA_PREFIX) or key in DDPM_BUFFERS):
+        elif not (prefix or key.startswith(EMA_PREFIX) or key.removeprefix(LOW_SCALE_PREFIX) in DDPM_BUFFERS):
             unexpected.append(key)
     if not parts[UNET_PREFIX]:
         raise CheckpointError(f"{where} holds no '{UNET_PREFIX}*' weights: not a Stable Diffusion "
@@ -214,7 +223,7 @@ def split_ldm(sd, where, family):
     if unexpected:
         raise CheckpointError(f"{where}: {describe('unexpected', unexpected)}")
     text = parts[family.text_prefix]
-    return parts[UNET_PREFIX], parts[VAE_PREFIX], clip_text.from_open_clip(text) if family is SD2 else text
+    return parts[UNET_PREFIX], parts[VAE_PREFIX], clip_text.from_open_clip(text) if family is not SD1 else text
 
 
 def folder_family(folder):
@@ -266,8 +275,8 @@ def choose_prediction(path, family, facts, prediction=None):
             raise CheckpointError(f"{path}: {source} says the model predicts {said!r}, which we do not support "
                                   "(epsilon or v); override with --prediction")
         return named, f"{source} says {said}"
-    if family is SD1:
-        return "epsilon", "as SD 1.x models do"
+    if family is not SD2:
+        return family.predictions, f"as {family.name} models do"
     name = os.path.basename(os.path.normpath(path)).lower()
     words = set(re.split(r"[^0-9a-z]+", name))  # whole words only: a hub cache's hash folder may hold "768"
     size = ({"768", "512"} & words) or ({"512"} if "base" in words else set())
@@ -300,10 +309,11 @@ def build(model_class, config_of, sd, name, where, device, dtype, **options):
     return model
 
 
-def load_models(path, device="cpu", dtype=torch.float32, simda_config=None, prediction=None):
-    """(tokenizer, text encoder, VAE, UNet, family name, prediction, why) of an SD 1.x or 2.x checkpoint:
-    the models frozen and in eval mode, the UNet with fresh SimDA adapters when `simda_config` is given;
-    what the UNet predicts ("epsilon" or "v"; `prediction` when given) and why we think so."""
+def load_models(path, device="cpu", dtype=torch.float32, simda_config=None, prediction=None, upscaler=False):
+    """(tokenizer, text encoder, VAE, UNet, family, prediction, why) of an SD 1.x or 2.x checkpoint (or,
+    with `upscaler`, of SD's x4 upscaler): the models frozen and in eval mode, the UNet with fresh SimDA
+    adapters when `simda_config` is given; the Family; what the UNet predicts ("epsilon" or "v";
+    `prediction` when given) and why we think so."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -314,6 +324,8 @@ def load_models(path, device="cpu", dtype=torch.float32, simda_config=None, pred
         if family is None:
             width = text_sd.get("embeddings.token_embedding.weight", torch.zeros(0, 0)).shape[1]
             family = SD2 if width == 1024 else SD1
+        if family is SD2 and "label_emb.weight" in unet_sd:
+            family = X4
         if os.path.exists(os.path.join(path, "tokenizer", "vocab.json")):
             vocab_dir = os.path.join(path, "tokenizer")
         if os.path.exists(scheduler := os.path.join(path, "scheduler", "scheduler_config.json")):
@@ -328,6 +340,12 @@ def load_models(path, device="cpu", dtype=torch.float32, simda_config=None, pred
     for name, sd in (("VAE", vae_sd), ("text encoder", text_sd)):
         if not sd:
             raise CheckpointError(f"{path} holds no {name} weights")
+    if upscaler and family is not X4:
+        raise CheckpointError(f"{path} is an {family.name} text-to-image checkpoint, not SD's x4 upscaler "
+                              f"(x4-upscaler-ema.safetensors): pass it as --ckpt, and the upscaler as --sr-ckpt")
+    if family is X4 and not upscaler:
+        raise CheckpointError(f"{path} is SD's x4 upscaler, the super-resolution stage: pass it as --sr-ckpt "
+                              f"(simda.load_upscaler), and a text-to-image checkpoint as --ckpt")
     prediction, why = choose_prediction(path, family, facts, prediction)
     text_encoder = build(clip_text.CLIPTextEncoder,
                          lambda sd: clip_text.config_from_state_dict(sd, family.text_head_width, family.hidden_act),
@@ -342,7 +360,7 @@ def load_models(path, device="cpu", dtype=torch.float32, simda_config=None, pred
         unet_sd, "UNet", path, device, dtype, simda_config=simda_config)
     vae = build(vae_module.AutoencoderKL, vae_module.config_from_state_dict, vae_sd, "VAE", path, device, dtype)
     models = [m.eval().requires_grad_(False) for m in (text_encoder, vae, unet)]
-    return (clip_text.Tokenizer(vocab_dir, pad_id=family.pad_id), *models, family.name, prediction, why)
+    return (clip_text.Tokenizer(vocab_dir, pad_id=family.pad_id), *models, family, prediction, why)
 
 
 def ldm_state_dict(text_encoder, vae, unet):

@@ -20,8 +20,17 @@ import torch
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 0.00085, 0.012
 
-betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
-alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).float()  # [1000] float32, as SD stores it
+
+def make_alphas_cumprod(beta_start, beta_end):
+    """alphas_cumprod [1000] of a "scaled linear" schedule (LDM calls it "linear"): betas spaced
+    linearly in sqrt, computed in float64 and kept in float32, as SD stores them."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+# SD 1.x and 2.x's schedule, the default of every function below; a model trained on another (the
+# x4 upscaler: 0.0001 to 0.02) passes its own table as `alphas`.
+alphas_cumprod = make_alphas_cumprod(BETA_START, BETA_END)
 PREDICTIONS = ("epsilon", "v")
 
 
@@ -34,12 +43,12 @@ def timesteps(num_inference_steps):
     return (torch.arange(num_inference_steps - 1, -1, -1) * step_ratio + 1).long()
 
 
-def _alpha(t):
-    """alphas_cumprod[t] as a 0-d float32 tensor; a negative t is the clean end, alphas_cumprod[0]."""
+def _alpha(t, alphas=None):
+    """alphas[t] as a 0-d float32 tensor; a negative t is the clean end, alphas[0]."""
     t = int(t)
     if t >= NUM_TRAIN_TIMESTEPS:
         raise ValueError(f"timestep must be < {NUM_TRAIN_TIMESTEPS}, got {t}")
-    return alphas_cumprod[max(t, 0)]
+    return (alphas_cumprod if alphas is None else alphas)[max(t, 0)]
 
 
 def check_prediction(prediction):
@@ -56,14 +65,14 @@ def split(x_t, model_output, a_t, prediction="epsilon"):
     return a_t**0.5 * model_output + (1 - a_t) ** 0.5 * x_t, a_t**0.5 * x_t - (1 - a_t) ** 0.5 * model_output
 
 
-def step(x_t, model_output, t, t_prev, eta=0.0, noise=None, prediction="epsilon"):
+def step(x_t, model_output, t, t_prev, eta=0.0, noise=None, prediction="epsilon", alphas=None):
     """One DDIM update x_t -> x_{t_prev} from the model's output at t (DDIM paper, eq. 12).
 
     t_prev < 0 marks the final step. eta = 0 is deterministic DDIM; eta > 0 adds sigma_t * noise, and the
     caller must pass `noise` (a standard normal tensor shaped like x_t), so this function stays pure.
     The alphas are float32 0-d tensors, so the arithmetic runs in x_t's dtype, as in diffusers.
     """
-    a_t, a_prev = _alpha(t), _alpha(t_prev)
+    a_t, a_prev = _alpha(t, alphas), _alpha(t_prev, alphas)
     eps, x0 = split(x_t, model_output, a_t, prediction)
     if eta == 0:  # deterministic; also valid run backwards (t_prev > t), which inversion relies on
         return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
@@ -73,7 +82,7 @@ def step(x_t, model_output, t, t_prev, eta=0.0, noise=None, prediction="epsilon"
     return a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps + sigma * noise
 
 
-def invert_step(x_t, model_output, t, t_next, prediction="epsilon"):
+def invert_step(x_t, model_output, t, t_next, prediction="epsilon", alphas=None):
     """One DDIM inversion update x_t -> x_{t_next}, t_next > t: the deterministic update run backwards.
 
     t < 0 is the clean end (alphas_cumprod[0]), matching where sampling's final step lands. The caller
@@ -81,8 +90,8 @@ def invert_step(x_t, model_output, t, t_next, prediction="epsilon"):
     evaluate it. A v output is turned into eps with t_next's alpha, the noise level the model was told:
     that is the eps an eps-model would have predicted there, so both predictions invert alike.
     """
-    eps, _ = split(x_t, model_output, _alpha(t_next), prediction)  # what an eps model would have said at t_next
-    return step(x_t, eps, t, t_next)  # the eta=0 update is the same formula in either direction
+    eps, _ = split(x_t, model_output, _alpha(t_next, alphas), prediction)  # what an eps model would have said at t_next
+    return step(x_t, eps, t, t_next, alphas=alphas)  # the eta=0 update is the same formula in either direction
 
 
 def draw_timestep(gen, bias=0.0):
@@ -95,30 +104,30 @@ def draw_timestep(gen, bias=0.0):
     return (u ** (1 / (1 + bias)) * NUM_TRAIN_TIMESTEPS).long().clamp(max=NUM_TRAIN_TIMESTEPS - 1)
 
 
-def _alphas(t, like):
-    """alphas_cumprod at the timesteps t [B], shaped [B, 1, 1, ...] to broadcast against `like`."""
-    a = alphas_cumprod.to(device=like.device, dtype=like.dtype)[t.to(like.device)]
+def _alphas(t, like, alphas=None):
+    """alphas at the timesteps t [B], shaped [B, 1, 1, ...] to broadcast against `like`."""
+    a = (alphas_cumprod if alphas is None else alphas).to(device=like.device, dtype=like.dtype)[t.to(like.device)]
     return a.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def add_noise(x0, noise, t):
+def add_noise(x0, noise, t, alphas=None):
     """The forward process q(x_t | x0) for training: t is a LongTensor [B], one timestep per sample.
     The same for either prediction; only the regression target differs (`target`)."""
-    a = _alphas(t, x0)
+    a = _alphas(t, x0, alphas)
     return a**0.5 * x0 + (1 - a) ** 0.5 * noise
 
 
-def target(x0, noise, t, prediction="epsilon"):
+def target(x0, noise, t, prediction="epsilon", alphas=None):
     """What the model must output for add_noise(x0, noise, t): the noise, or v."""
     if prediction == "epsilon":
         return noise
     check_prediction(prediction)
-    a = _alphas(t, x0)
+    a = _alphas(t, x0, alphas)
     return a**0.5 * noise - (1 - a) ** 0.5 * x0
 
 
 @torch.no_grad()
-def sample(x_T, model_fn, num_inference_steps, eta=0.0, generator=None, prediction="epsilon"):
+def sample(x_T, model_fn, num_inference_steps, eta=0.0, generator=None, prediction="epsilon", alphas=None):
     """Run the DDIM sampler from noise x_T to x0. model_fn(x, t) returns the model's output (the noise,
     or v: `prediction`); t is an int.
 
@@ -132,12 +141,12 @@ def sample(x_T, model_fn, num_inference_steps, eta=0.0, generator=None, predicti
         noise = None
         if eta > 0:
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)  # a CPU generator
-        x = step(x, model_fn(x, t), t, t_prev, eta=eta, noise=noise, prediction=prediction)
+        x = step(x, model_fn(x, t), t, t_prev, eta=eta, noise=noise, prediction=prediction, alphas=alphas)
     return x
 
 
 @torch.no_grad()
-def invert(x0, model_fn, num_inference_steps, prediction="epsilon"):
+def invert(x0, model_fn, num_inference_steps, prediction="epsilon", alphas=None):
     """DDIM inversion of a clean latent x0 to the x_T that `sample` maps back to x0 (Tune-A-Video style).
 
     Each step goes from the previous timestep (the clean end first) up to t, with model_fn evaluated at t
@@ -148,5 +157,5 @@ def invert(x0, model_fn, num_inference_steps, prediction="epsilon"):
     x = x0
     for i, t in enumerate(ts):
         t_from = ts[i - 1] if i > 0 else -1
-        x = invert_step(x, model_fn(x, t), t_from, t, prediction)
+        x = invert_step(x, model_fn(x, t), t_from, t, prediction, alphas)
     return x

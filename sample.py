@@ -1,7 +1,10 @@
-"""Text-to-video sampling with SD 1.x + SimDA adapters, and one-shot video editing (SimDA Sec. 3.4).
+"""Text-to-video sampling with SD + SimDA adapters, one-shot video editing (SimDA Sec. 3.4), and the
+second stage, SD's x4 upscaler inflated to video (Sec. 3.4 and 4).
 
     python sample.py "a dog surfing" --adapters out/adapters.safetensors --out dog.gif
     python sample.py "a jeep car is moving on the snow" --edit clip.mp4 --adapters out/adapters.safetensors
+    python sample.py "a dog surfing" --adapters out/adapters.safetensors --upscale     # 256 -> 1024
+    python sample.py "a dog surfing" --upscale-video clip.mp4 --sr-adapters out/sr/adapters.safetensors
 
 The sampling itself is simda.Pipeline's (DDIM with classifier-free guidance, seeded CPU noise).
 Editing (Tune-A-Video style) encodes a clip with the VAE, DDIM-inverts its latents under the source
@@ -20,7 +23,7 @@ import simda
 from checkpoint import CheckpointError, save_safetensors
 from runtime import pick_device, pick_dtype
 from video import (DEFAULT_FPS, DEFAULT_FRAMES, DEFAULT_SIZE, check_output, check_shape, output_paths, resolve_shape,
-                   save_grid, save_video, stack_clips)
+                   save_grid, save_video, stack_clips, to_uint8)
 
 
 def read_prompts(args):
@@ -30,6 +33,8 @@ def read_prompts(args):
             raise ValueError(f"prompt file not found: {args.prompts}")
         with open(args.prompts, encoding="utf-8") as f:
             prompts += [line.strip() for line in f if line.strip()]
+    if not prompts and args.upscale_video:
+        return [""]  # the upscaler can go without a caption
     if not prompts:
         raise ValueError("no prompt given: pass one or more prompts, or --prompts FILE (one prompt a line)")
     return prompts
@@ -105,8 +110,25 @@ def build_parser():
     edit.add_argument("--inverted", metavar="PATH", help="start from the inverted latents an earlier --edit saved")
     add("--source-prompt", metavar="PROMPT", help="--edit: the prompt describing the clip (default: the adapters')")
     add("--inversion-steps", type=int, help="--edit: DDIM inversion steps (default: --steps)")
-    add("--stride", type=int, help="--edit: every stride-th frame from the clip's start (default: the adapters' "
-                                   "metadata, else 1)")
+    add("--stride", type=int, help="--edit, --upscale-video: every stride-th frame from the clip's start (default: "
+                                   "--edit: the adapters' metadata, else 1; --upscale-video: 1)")
+    sr = p.add_argument_group("super-resolution (the second stage: SD's x4 upscaler, with SimDA adapters for video)")
+    stage = sr.add_mutually_exclusive_group()
+    stage.add_argument("--upscale", action="store_true", help="upscale each sampled video x4 (the stage-one video is "
+                                                               "kept beside it as <out stem>-lowres)")
+    stage.add_argument("--upscale-video", metavar="CLIP", help="upscale this video x4 instead of sampling one (read at "
+                                                               "--size/--frames/--stride; the prompt describes it)")
+    sr.add_argument("--sr-ckpt", metavar="PATH", help=f"x4 upscaler checkpoint (default: $SIMDA_SR_CKPT, else "
+                                                      f"{simda.DEFAULT_SR_CHECKPOINT})")
+    sr.add_argument("--sr-adapters", metavar="PATH", help="SimDA adapters for the upscaler, from train.py --stage sr "
+                                                          "(default: none, the image upscaler frame by frame)")
+    sr.add_argument("--sr-steps", type=int, default=75, help="DDIM steps of the upscaler (default: %(default)s)")
+    sr.add_argument("--sr-guidance", type=float, default=9.0, help="guidance of the upscaler (default: %(default)s)")
+    sr.add_argument("--frame-chunk", type=int, default=0, help="run the upscaler UNet's per-frame layers on this many "
+                                                               "frames at a time: less memory, the same result "
+                                                               "(default: 0, all at once)")
+    sr.add_argument("--noise-level", type=int, default=20, help=f"noise added to the low-res video, 0..."
+                                                                 f"{simda.MAX_NOISE_LEVEL - 1} (default: %(default)s)")
     return p
 
 
@@ -129,35 +151,79 @@ def pick_models(args):
 
 def run(args):
     prompts = read_prompts(args)
-    ddim.timesteps(args.steps)  # check the step counts before loading anything
-    if args.inversion_steps is not None:
-        ddim.timesteps(args.inversion_steps)
+    for flag, steps in (("--steps", args.steps), ("--sr-steps", args.sr_steps), ("--inversion-steps", args.inversion_steps)):
+        try:
+            if steps is not None:
+                ddim.timesteps(steps)  # check the step counts before loading anything
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from e
+    if args.frame_chunk < 0:
+        raise ValueError(f"--frame-chunk must be 0 (off) or more, got {args.frame_chunk}")
+    if not 0 <= args.noise_level < simda.MAX_NOISE_LEVEL:
+        raise ValueError(f"--noise-level must be in 0..{simda.MAX_NOISE_LEVEL - 1}, got {args.noise_level}")
     check_output(args.out)
     if args.fps is not None and args.fps < 1:
         raise ValueError(f"--fps must be at least 1, got {args.fps}")
-    ckpt, adapters = pick_models(args)
+    upscaling = args.upscale or args.upscale_video is not None
+    if args.upscale_video is not None and (args.edit or args.inverted):
+        raise ValueError("--upscale-video upscales a given clip, --edit/--inverted sample one: use one or the other")
+    given = lambda *names: [f"--{n.replace('_', '-')}" for n in names if getattr(args, n)]  # noqa: E731
+    if not upscaling and given("sr_ckpt", "sr_adapters", "frame_chunk"):
+        raise ValueError(f"{', '.join(given('sr_ckpt', 'sr_adapters', 'frame_chunk'))} set the upscaler: add --upscale "
+                         f"(or --upscale-video CLIP)")
+    if args.upscale_video is not None and given("ckpt", "adapters", "prediction"):
+        raise ValueError(f"--upscale-video runs the upscaler alone: {', '.join(given('ckpt', 'adapters', 'prediction'))} "
+                         f"would not be used (the upscaler's are --sr-ckpt, --sr-adapters)")
+    sr_ckpt = (args.sr_ckpt or simda.default_checkpoint(upscaler=True)) if upscaling else None
+    if args.upscale_video is not None and not os.path.isfile(args.upscale_video):
+        raise ValueError(f"--upscale-video {args.upscale_video} does not exist")
+    ckpt, adapters = pick_models(args) if args.upscale_video is None else (None, None)
     meta = simda.read_adapters(adapters)[1] if adapters else {}
     if args.inverted:  # the inverted latents fix the shape; their metadata is what --edit used
         shape = read_inverted(args.inverted)[1]
         meta = {**meta, **{k: shape[k] for k in ("frames", "height", "width") if k in shape}}
     trained = (meta.get("frames", DEFAULT_FRAMES), meta.get("height", DEFAULT_SIZE), meta.get("width", DEFAULT_SIZE))
     frames, height, width = resolve_shape(args.frames, args.size, args.height, args.width, defaults=trained)
+    if upscaling:  # the upscaler's UNet halves the low-res size three times
+        check_shape(frames, height, width, 8, "as the upscaler's UNet halves the low-res video three times")
     fps = args.fps or int(meta.get("fps", DEFAULT_FPS))
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    print(f"loading {ckpt} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
-    pipe = simda.load_pipeline(ckpt, device, dtype, adapters=adapters, prediction=args.prediction)
-    print(f"{pipe.family} checkpoint, predicts {pipe.prediction} ({pipe.prediction_source})", file=sys.stderr)
-    if not adapters:
-        print("no --adapters: the plain image model samples every frame on its own", file=sys.stderr)
-    check_shape(frames, height, width, pipe.vae.config.downsample_factor)
+    pipe = upscaler = None
+    if ckpt is not None:
+        print(f"loading {ckpt} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
+        pipe = simda.load_pipeline(ckpt, device, dtype, adapters=adapters, prediction=args.prediction)
+        print(f"{pipe.family} checkpoint, predicts {pipe.prediction} ({pipe.prediction_source})", file=sys.stderr)
+        if not adapters:
+            print("no --adapters: the plain image model samples every frame on its own", file=sys.stderr)
+        check_shape(frames, height, width, pipe.vae.config.downsample_factor)
+    if sr_ckpt is not None:
+        print(f"loading the upscaler {sr_ckpt}", file=sys.stderr)
+        upscaler = simda.load_upscaler(sr_ckpt, device, dtype, adapters=args.sr_adapters)
+        upscaler.unet.frame_chunk = args.frame_chunk
+        if not args.sr_adapters:
+            print("no --sr-adapters: the image upscaler works on every frame on its own", file=sys.stderr)
     latents = edit_latents(args, pipe, meta, frames, height, width) if args.edit or args.inverted else None
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     for prompt, path in zip(prompts, output_paths(args.out, prompts)):
-        print(f"{prompt!r}: {frames} frames of {width}x{height}, {args.steps} steps, guidance {args.guidance}",
-              file=sys.stderr)
-        video = pipe(prompt, frames, height, width, args.steps, args.guidance, args.negative, args.eta, args.seed,
-                     latents)[0]
+        if pipe is not None:
+            print(f"{prompt!r}: {frames} frames of {width}x{height}, {args.steps} steps, guidance {args.guidance}",
+                  file=sys.stderr)
+            video = pipe(prompt, frames, height, width, args.steps, args.guidance, args.negative, args.eta, args.seed,
+                         latents)[0]
+        else:
+            stride = args.stride or 1
+            video = to_uint8(data.read_clip(args.upscale_video, frames, stride, height, width, start=0).movedim(1, -1))
+        if upscaler is not None:
+            if pipe is not None:
+                stem, ext = os.path.splitext(path)
+                save_video(video, f"{stem}-lowres{ext}", fps)
+            print(f"{prompt!r}: upscaling {frames} frames of {width}x{height} to {4 * width}x{4 * height}, "
+                  f"{args.sr_steps} steps, guidance {args.sr_guidance}, noise level {args.noise_level}", file=sys.stderr)
+            low_res = video.permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # f H W 3 -> 1 3 f H W, in [-1, 1]
+            high = upscaler.upscale(low_res, [prompt], args.sr_steps, args.sr_guidance, args.noise_level,
+                                    args.negative, args.eta, args.seed)
+            video = to_uint8(high)[0].cpu().permute(1, 2, 3, 0)  # 3 f H W -> f H W 3
         save_video(video, path, fps)
         if args.grid:
             save_grid(video, os.path.splitext(path)[0] + ".png")

@@ -1,16 +1,17 @@
 """SimDA, the library's front door: load Stable Diffusion (1.x or 2.x) with SimDA's adapters as a
-`Pipeline`, sample videos with it, and save and load adapter files.
+`Pipeline`, sample videos with it, and save and load adapter files; load SD's x4 upscaler, the
+second stage, the same way (`load_upscaler`, then `.upscale`).
 
     pipe = simda.load_pipeline("checkpoints/v1-5-pruned-emaonly.safetensors", adapters="out/adapters.safetensors")
     frames = pipe("a dog surfing", frames=16)   # uint8 [B, F, H, W, 3]
 
 Sampling is DDIM (ddim.py) with classifier-free guidance: the conditional and the unconditional
 (negative prompt) predictions come from one batched UNet call. What the UNet predicts, the noise or
-v (SD 2.x 768-v), is the pipeline's `prediction`; checkpoint.py infers it, the user may override it. The starting noise is drawn on
-the CPU from a generator seeded with `seed` and then moved, so the same seed on the same device
-gives the same video. `invert` is DDIM inversion, for one-shot editing (the paper's Sec. 3.4).
-The models are vae.py, clip_text.py and unet.py (SimDA's modules: adapters.py); checkpoint.py
-reads the weights.
+v (SD 2.x 768-v, the upscaler), is the pipeline's `prediction`; checkpoint.py infers it, the user
+may override it. The starting noise is drawn on the CPU from a generator seeded with `seed` and
+then moved, so the same seed on the same device gives the same video. `invert` is DDIM inversion,
+for one-shot editing (the paper's Sec. 3.4). The models are vae.py, clip_text.py and unet.py
+(SimDA's modules: adapters.py); checkpoint.py reads the weights.
 """
 import json
 import os
@@ -31,12 +32,14 @@ from vae import LATENT_SCALE
 from video import DEFAULT_FRAMES, DEFAULT_SIZE, check_shape, to_uint8
 
 DEFAULT_CHECKPOINT = os.path.join("checkpoints", "v1-5-pruned-emaonly.safetensors")
+DEFAULT_SR_CHECKPOINT = os.path.join("checkpoints", "x4-upscaler-ema.safetensors")
 # The built-in demo (README: "The demo model"): a tiny SD trained from scratch on the shapes world of
 # shapes.py (train_image.py), and SimDA adapters trained on it (train.py --data shapes). sample.py
 # falls back to them when no SD weights are found.
 MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 DEMO_CHECKPOINT = os.path.join(MODELS_DIR, "sd-shapes.safetensors")
 DEMO_ADAPTERS = os.path.join(MODELS_DIR, "simda-shapes.safetensors")
+MAX_NOISE_LEVEL = 350  # the x4 upscaler was trained with low-res noise levels 0..349 (x4-upscaling.yaml)
 
 
 @dataclass
@@ -45,9 +48,19 @@ class Pipeline:
     text_encoder: clip_text.CLIPTextEncoder
     vae: vae_module.AutoencoderKL
     unet: unet_module.UNet
-    family: str = "SD 1.x"  # checkpoint.SD1 or SD2's name
+    family: str = "SD 1.x"  # the name of checkpoint.SD1, SD2 or X4
     prediction: str = "epsilon"  # what the UNet outputs: "epsilon" (the noise) or "v"
     prediction_source: str = ""  # why we think so (checkpoint.choose_prediction)
+    latent_scale: float = LATENT_SCALE  # the diffusion model sees VAE latents times this
+    alphas: torch.Tensor = None  # the noise schedule's alphas_cumprod; None: SD's (ddim.alphas_cumprod)
+
+    @property
+    def vae_dtype(self):
+        return next(self.vae.parameters()).dtype
+
+    @property
+    def is_upscaler(self):
+        return self.unet.config.num_classes > 0
 
     @property
     def device(self):
@@ -62,16 +75,26 @@ class Pipeline:
         """Prompts -> the text encoder's states [B, 77, D], the UNet's cross-attention context."""
         return self.text_encoder(self.tokenizer(prompts).to(self.device))
 
-    def guided_model(self, context, guidance):
+    def guided_context(self, prompts, negative, guidance):
+        """The text context of `prompts`, with the negative prompt's before it ([uncond; cond]) when guided."""
+        context = self.text_context(prompts)
+        if guidance == 1:
+            return context
+        return torch.cat([self.text_context([negative] * len(prompts)), context])
+
+    def guided_model(self, context, guidance, low_res=None, noise_level=None):
         """The UNet's output (eps or v) as a function of (x, t), with classifier-free guidance: `context`
         is [uncond; cond] ([2B, 77, D]) when guidance != 1, else just cond. Guiding v is guiding eps:
         for a given x_t, v is affine in eps and the guidance weights sum to 1. Latents stay float32;
-        the UNet runs in the pipeline's dtype."""
+        the UNet runs in the pipeline's dtype. The upscaler's UNet also takes the noised low-res video
+        `low_res` [B, 3, F, h, w], concatenated to the latents' channels, and its `noise_level` [B]."""
         guided = guidance != 1
 
         def model(x, t):
-            x_in = torch.cat([x, x]) if guided else x
-            out = self.unet(x_in.to(self.dtype), t, context).float()
+            x_in = x if low_res is None else torch.cat([x, low_res], dim=1)
+            x_in = torch.cat([x_in, x_in]) if guided else x_in
+            y = None if noise_level is None else torch.cat([noise_level, noise_level]) if guided else noise_level
+            out = self.unet(x_in.to(self.dtype), t, context, y).float()
             if not guided:
                 return out
             uncond, cond = out.chunk(2)
@@ -79,11 +102,15 @@ class Pipeline:
         return model
 
     @torch.no_grad()
-    def denoise(self, x, context, steps=50, guidance=7.5, eta=0.0, generator=None, progress=True):
+    def denoise(self, x, context, steps=50, guidance=7.5, eta=0.0, generator=None, progress=True, low_res=None,
+                noise_level=None):
         """DDIM (ddim.sample) from x (scaled latents [B, 4, F, h, w] at the first timestep) to clean
-        latents (float32), with a progress line. With eta > 0 the step noise comes from `generator`."""
-        model = with_progress(self.guided_model(context, guidance), Progress("sampling", steps, enabled=progress))
-        return ddim.sample(x.float(), model, steps, eta=eta, generator=generator, prediction=self.prediction)
+        latents (float32), with a progress line. With eta > 0 the step noise comes from `generator`.
+        `low_res`, `noise_level`: the upscaler's conditioning (see `guided_model`)."""
+        model = with_progress(self.guided_model(context, guidance, low_res, noise_level),
+                              Progress("sampling" if low_res is None else "upscaling", steps, enabled=progress))
+        return ddim.sample(x.float(), model, steps, eta=eta, generator=generator, prediction=self.prediction,
+                           alphas=self.alphas)
 
     @torch.no_grad()
     def invert(self, latents, prompt, steps=50, progress=True):
@@ -91,42 +118,82 @@ class Pipeline:
         noisy latents that `denoise` with the same prompt, steps, guidance 1 and eta 0 maps back to them."""
         model = with_progress(self.guided_model(self.text_context([prompt]), guidance=1),
                               Progress("inverting", steps, enabled=progress))
-        return ddim.invert(latents.float(), model, steps, prediction=self.prediction)
+        return ddim.invert(latents.float(), model, steps, prediction=self.prediction, alphas=self.alphas)
 
     @torch.no_grad()
     def encode(self, video):
         """Videos [B, 3, F, H, W] in [-1, 1] -> scaled latents [B, 4, F, h, w] (the posterior mean), float32."""
-        mean, _ = self.vae.encode_video(video.to(self.device, self.dtype))
-        return mean.float() * LATENT_SCALE
+        mean, _ = self.vae.encode_video(video.to(self.device, self.vae_dtype))
+        return mean.float() * self.latent_scale
 
     @torch.no_grad()
+    def decode_pixels(self, latents):
+        """Scaled latents [B, 4, F, h, w] -> videos [B, 3, F, H, W], float32, [-1, 1] before clamping."""
+        return self.vae.decode_video((latents / self.latent_scale).to(self.vae_dtype)).float()
+
     def decode(self, latents):
         """Scaled latents [B, 4, F, h, w] -> uint8 frames [B, F, H, W, 3] on the CPU."""
-        videos = self.vae.decode_video((latents / LATENT_SCALE).to(self.dtype)).float()
-        return to_uint8(videos).cpu().permute(0, 2, 3, 4, 1)  # b 3 f H W -> b f H W 3
+        return to_uint8(self.decode_pixels(latents)).cpu().permute(0, 2, 3, 4, 1)  # b 3 f H W -> b f H W 3
+
+    def start_latents(self, shape, generator, latents=None, what=""):
+        """The starting noise [B, 4, F, h, w] on the pipeline's device: `latents` if given (checked against
+        `shape`), else drawn on the CPU from `generator`."""
+        if latents is None:
+            return torch.randn(shape, generator=generator).to(self.device)
+        if tuple(latents.shape) != tuple(shape):
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)} for {what}")
+        return latents.float().contiguous().to(self.device)
 
     def __call__(self, prompts, frames=DEFAULT_FRAMES, height=DEFAULT_SIZE, width=DEFAULT_SIZE, steps=50, guidance=7.5,
                  negative="", eta=0.0, seed=0, latents=None, progress=True):
         """Sample one video per prompt -> uint8 tensor [B, F, H, W, 3]. `latents`: start from these scaled
         latents [B, 4, F, h, w] (e.g. DDIM-inverted ones) instead of seeded noise."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("a pipeline call needs at least one prompt")
+        if self.is_upscaler:
+            raise ValueError(f"this pipeline is {self.family}: call .upscale(low_res, prompts), not the pipeline")
+        prompts = as_prompts(prompts)
         factor = self.vae.config.downsample_factor
         check_shape(frames, height, width, factor)
         shape = (len(prompts), self.vae.config.latent_channels, frames, height // factor, width // factor)
         generator = torch.Generator().manual_seed(seed)
-        if latents is None:
-            x = torch.randn(shape, generator=generator).to(self.device)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {len(prompts)} "
-                             f"prompt(s), {frames} frames of {width}x{height}")
-        else:
-            x = latents.float().contiguous().to(self.device)
-        context = self.text_context(prompts)
-        if guidance != 1:
-            context = torch.cat([self.text_context([negative] * len(prompts)), context])
+        x = self.start_latents(shape, generator, latents, f"{len(prompts)} prompt(s), {frames} frames of {width}x{height}")
+        context = self.guided_context(prompts, negative, guidance)
         return self.decode(self.denoise(x, context, steps, guidance, eta, generator, progress))
+
+    @torch.no_grad()
+    def upscale(self, low_res, prompts, steps=75, guidance=9.0, noise_level=20, negative="", eta=0.0, seed=0,
+                latents=None, noise=None, progress=True):
+        """The x4 upscaler (a pipeline from `load_upscaler`): videos `low_res` [B, 3, F, H, W] in [-1, 1], one
+        prompt each -> [B, 3, F, 4H, 4W] float32 in [-1, 1] before clamping (the defaults are diffusers'
+        StableDiffusionUpscalePipeline's). The low-res video is noised to `noise_level` (0..349) on the
+        upscaler's schedule (the noise `noise`, else seeded), and the level is the UNet's class label;
+        the latents start from `latents` [B, 4, F, H, W], else seeded noise drawn after it."""
+        if not self.is_upscaler:
+            raise ValueError(f"this pipeline is {self.family}, not an upscaler: load one with simda.load_upscaler")
+        prompts = as_prompts(prompts)
+        if low_res.dim() != 5 or tuple(low_res.shape[:2]) != (len(prompts), 3):
+            raise ValueError(f"low_res must be videos [B, 3, F, H, W] with B = {len(prompts)} prompt(s), "
+                             f"got shape {tuple(low_res.shape)}")
+        if not 0 <= noise_level < MAX_NOISE_LEVEL:
+            raise ValueError(f"noise_level must be in 0..{MAX_NOISE_LEVEL - 1}, got {noise_level}")
+        generator = torch.Generator().manual_seed(seed)
+        if noise is None:
+            noise = torch.randn(low_res.shape, generator=generator)
+        elif tuple(noise.shape) != tuple(low_res.shape):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected the low-res videos' {tuple(low_res.shape)}")
+        level = torch.full((len(prompts),), noise_level, dtype=torch.long)
+        augmented = ddim.add_noise(low_res.float().cpu(), noise.float().cpu(), level, self.alphas).to(self.device)
+        shape = (len(prompts), self.vae.config.latent_channels, *low_res.shape[2:])  # latents at the low-res size
+        x = self.start_latents(shape, generator, latents, f"low-res videos of shape {tuple(low_res.shape)}")
+        context = self.guided_context(prompts, negative, guidance)
+        clean = self.denoise(x, context, steps, guidance, eta, generator, progress, augmented, level.to(self.device))
+        return self.decode_pixels(clean)
+
+
+def as_prompts(prompts):
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("a pipeline call needs at least one prompt")
+    return prompts
 
 
 def with_progress(model, progress):
@@ -138,19 +205,25 @@ def with_progress(model, progress):
     return model_with_progress
 
 
-def default_checkpoint():
-    """The SD weights to use when none are named: $SIMDA_CKPT if set, else
-    checkpoints/v1-5-pruned-emaonly.safetensors (relative to the working directory)."""
-    env = os.environ.get("SIMDA_CKPT")
-    path = env or DEFAULT_CHECKPOINT
+def default_checkpoint(upscaler=False):
+    """The weights to use when none are named: $SIMDA_CKPT if set, else
+    checkpoints/v1-5-pruned-emaonly.safetensors (relative to the working directory); with `upscaler`,
+    $SIMDA_SR_CKPT, else checkpoints/x4-upscaler-ema.safetensors."""
+    var, default, what, download = (
+        ("SIMDA_SR_CKPT", DEFAULT_SR_CHECKPOINT, "SD x4 upscaler checkpoint", "the x4 upscaler's single-file "
+         "checkpoint x4-upscaler-ema.safetensors (about 3.5 GB) from the stabilityai/stable-diffusion-x4-upscaler "
+         "model page") if upscaler else
+        ("SIMDA_CKPT", DEFAULT_CHECKPOINT, "Stable Diffusion checkpoint", "the SD v1.5 single-file checkpoint "
+         "v1-5-pruned-emaonly.safetensors (about 4 GB) from the Stable Diffusion v1.5 model page"))
+    flag = "--sr-ckpt" if upscaler else "--ckpt"
+    env = os.environ.get(var)
+    path = env or default
     if os.path.exists(path):
         return path
-    where = f"SIMDA_CKPT points to {env}, which does not exist" if env else \
-        f"SIMDA_CKPT is not set and {os.path.abspath(DEFAULT_CHECKPOINT)} does not exist"
-    raise CheckpointError(
-        f"no Stable Diffusion checkpoint found: {where}. Download the SD v1.5 single-file checkpoint "
-        f"v1-5-pruned-emaonly.safetensors (about 4 GB) from the Stable Diffusion v1.5 model page on the "
-        f"Hugging Face Hub, and put it in checkpoints/ (or set SIMDA_CKPT, or pass --ckpt, to its path).")
+    where = f"{var} points to {env}, which does not exist" if env else \
+        f"{var} is not set and {os.path.abspath(default)} does not exist"
+    raise CheckpointError(f"no {what} found: {where}. Download {download} on the Hugging Face Hub, and put it in "
+                          f"checkpoints/ (or set {var}, or pass {flag}, to its path).")
 
 
 def load_pipeline(path, device="cpu", dtype=torch.float32, adapters=None, simda_config=None, prediction=None):
@@ -160,14 +233,32 @@ def load_pipeline(path, device="cpu", dtype=torch.float32, adapters=None, simda_
     per-frame SD UNet. `prediction`: "epsilon" or "v" overrides what the checkpoint suggests (None),
     else the adapters' metadata, which records what they were trained with; the pipeline's
     `.prediction` and `.prediction_source` say which is used and why."""
+    return _load(path, device, dtype, adapters, simda_config, prediction, upscaler=False)
+
+
+def load_upscaler(path, device="cpu", dtype=torch.float32, adapters=None, simda_config=None):
+    """Load SD's x4 upscaler (x4-upscaler-ema.safetensors, or the stable-diffusion-x4-upscaler diffusers
+    folder) as a Pipeline whose `.upscale` runs it; with `adapters` or `simda_config` as load_pipeline's,
+    the video upscaler (SimDA's adapters on the upscaler's UNet). The VAE decodes 2 frames at a time
+    (1024x1024 frames are large), in float32 when the rest runs in float16."""
+    pipe = _load(path, device, dtype, adapters, simda_config, None, upscaler=True)
+    pipe.vae.chunk_size = 2
+    if dtype == torch.float16:
+        pipe.vae.float()  # its 1024x1024 decoder overflows in float16 (diffusers upcasts it too)
+    return pipe
+
+
+def _load(path, device, dtype, adapters, simda_config, prediction, upscaler):
     adapter_weights, meta = None, {}
     if adapters is not None:
         adapter_weights, meta = read_adapters(os.fspath(adapters))
         simda_config = SimDAConfig(**meta["simda_config"])
     trained = prediction is None and meta.get("prediction") is not None
-    pipe = Pipeline(*load_models(path, device, dtype, simda_config, meta["prediction"] if trained else prediction))
+    *models, family, prediction, why = load_models(path, device, dtype, simda_config,
+                                                   meta["prediction"] if trained else prediction, upscaler)
     if trained:
-        pipe.prediction_source = f"the adapters were trained so ({os.fspath(adapters)})"
+        why = f"the adapters were trained so ({os.fspath(adapters)})"
+    pipe = Pipeline(*models, family.name, prediction, why, family.latent_scale, ddim.make_alphas_cumprod(*family.betas))
     if adapter_weights is not None and meta.get("family", pipe.family) != pipe.family:
         trained_on = f" ({meta['checkpoint']})" if meta.get("checkpoint") else ""
         raise CheckpointError(f"{adapters} holds adapters trained on {meta['family']}{trained_on}, "

@@ -4,12 +4,15 @@ one-shot tuning on a single clip for video editing (the paper's Sec. 3.4).
     python train.py --data webvid_subset --out out/webvid
     python train.py --data shapes --out out/shapes      # the built-in demo world, on the demo model
     python train.py --video clip.mp4 --prompt "a jeep car is moving on the road" --steps 200 --out out/jeep
+    python train.py --stage sr --data webvid_subset --size 256 --out out/sr   # the video upscaler (x4, on SD's)
     torchrun --nproc_per_node 4 train.py --data webvid_subset --batch-size 8 --out out/webvid
 
 Each step: encode the captions with the frozen CLIP text encoder and the clips with the frozen VAE
-(a posterior sample, times LATENT_SCALE), noise the latents at random timesteps (ddim.add_noise) and
+(a posterior sample, times the latent scale), noise the latents at random timesteps (ddim.add_noise) and
 regress what the frozen UNet predicts (ddim.target: the noise, or v for SD 2.x 768-v models; MSE);
-AdamW updates the adapters only.
+AdamW updates the adapters only. `--stage sr` trains the second stage instead: SimDA's adapters on SD's
+frozen x4 upscaler, from pairs made of each clip (at --size) and the clip downscaled x4 with
+antialiasing, noised to a random level 0..349 as in the upscaler's own training; the target is v.
 
 Every random draw of a sample (video, start frame, flip, caption dropout, posterior noise, timestep,
 noise) is seeded by (--seed, global sample index), so --resume continues a run exactly and a
@@ -41,8 +44,8 @@ import vae as vae_module
 from adapters import adapter_state_dict, freeze_for_training, trainable_summary
 from checkpoint import CheckpointError, load_torch, remove_temporaries, save_torch, write_atomic
 from runtime import Progress, autocast_dtype, setup_distributed
-from vae import LATENT_SCALE
-from video import DEFAULT_FRAMES, DEFAULT_SIZE, check_shape, output_paths, resolve_shape, save_video, stack_clips
+from video import (DEFAULT_FRAMES, DEFAULT_SIZE, batch_to_frames, check_shape, frames_to_batch, output_paths,
+                   resolve_shape, save_video, stack_clips)
 
 
 def build_parser():
@@ -57,6 +60,9 @@ def build_parser():
     p.add_argument("--ckpt", metavar="PATH", help=f"SD 1.x or 2.x checkpoint (file or diffusers folder); default: $SIMDA_CKPT, "
                                                   f"else {simda.DEFAULT_CHECKPOINT}; with --data shapes, the demo "
                                                   f"image model {simda.DEMO_CHECKPOINT}")
+    p.add_argument("--stage", choices=["t2v", "sr"], default="t2v",
+                   help="t2v: adapters on a text-to-image SD; sr: adapters on SD's x4 upscaler (--ckpt then names the "
+                        f"upscaler; default $SIMDA_SR_CKPT, else {simda.DEFAULT_SR_CHECKPOINT}) (default: %(default)s)")
     p.add_argument("--prediction", choices=ddim.PREDICTIONS,
                    help="what the checkpoint's UNet predicts, the training target (default: what the checkpoint "
                         "says; SD 2.x files that say nothing: v)")
@@ -113,6 +119,14 @@ def check_args(args):
         raise ValueError(f"--data shapes makes square videos: use --size, not {width}x{height}")
     if shapes_world and args.hflip:
         raise ValueError("--hflip would mirror the shapes' motion but not their captions ('moving left'): drop it")
+    if args.stage == "sr" and shapes_world:
+        raise ValueError("--stage sr needs videos at the training size (--data DIR or --video); the shapes world "
+                         "has no upscaler to train on yet")
+    if args.stage == "sr" and args.prediction not in (None, "v"):
+        raise ValueError("--stage sr trains SD's x4 upscaler, which predicts v: drop --prediction")
+    if args.stage == "sr" and (args.cache_latents or args.val_prompt):
+        raise ValueError("--stage sr makes its low-res inputs from the clips at every step and has no validation "
+                         "samples: drop --cache-latents and --val-prompt (sample.py --upscale-video shows the result)")
     if shapes_world and args.cache_latents:
         raise ValueError("--cache-latents needs a fixed set of videos; --data shapes makes fresh ones every step")
     for name in ("stride", "steps", "batch_size", "save_every", "log_every", "val_steps"):
@@ -176,7 +190,8 @@ def build_run(args):
     dtype = autocast_dtype(args.precision, device)
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    ckpt = args.ckpt or (simda.DEMO_CHECKPOINT if args.data == "shapes" else simda.default_checkpoint())
+    sr = args.stage == "sr"
+    ckpt = args.ckpt or (simda.DEMO_CHECKPOINT if args.data == "shapes" else simda.default_checkpoint(upscaler=sr))
     if not os.path.exists(ckpt):
         raise CheckpointError(f"checkpoint not found: {ckpt}")
     dataset = make_dataset(args, rank)
@@ -185,8 +200,14 @@ def build_run(args):
     torch.manual_seed(args.seed)  # the adapters' initialisation
     simda_config = simda.SimDAConfig(spatial_adapters=not args.no_spatial_adapters,
                                      temporal_adapters=not args.no_temporal_adapters, latent_shift=not args.no_latent_shift)
-    pipe = simda.load_pipeline(ckpt, device, torch.float32, simda_config=simda_config, prediction=args.prediction)
-    check_shape(args.frames, args.height, args.width, pipe.vae.config.downsample_factor)
+    if sr:
+        pipe = simda.load_upscaler(ckpt, device, torch.float32, simda_config=simda_config)
+    else:
+        pipe = simda.load_pipeline(ckpt, device, torch.float32, simda_config=simda_config, prediction=args.prediction)
+    factor = pipe.vae.config.downsample_factor
+    if sr:  # the low-res input, a quarter of the size, is halved three times in the upscaler's UNet
+        check_shape(args.frames, args.height, args.width, factor * 8, f"{factor} (the upscaler's VAE) x 8 (its UNet)")
+    check_shape(args.frames, args.height, args.width, factor)
     pipe.unet.gradient_checkpointing = args.gradient_checkpointing
     params = freeze_for_training(pipe.unet)
     model = pipe.unet
@@ -195,7 +216,7 @@ def build_run(args):
     config = dict(batch_size=args.batch_size, seed=args.seed, frames=args.frames, stride=args.stride, height=args.height,
                   width=args.width, caption_dropout=args.caption_dropout, hflip=args.hflip, lr=args.lr,
                   timestep_bias=args.timestep_bias, cache_latents=args.cache_latents, data=args.data or args.video,
-                  simda_config=dataclasses.asdict(simda_config), prediction=pipe.prediction)
+                  simda_config=dataclasses.asdict(simda_config), prediction=pipe.prediction, stage=args.stage)
     run = Run(args, rank, world, device, ckpt, config, dataset, pipe, model, params,
               torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay),
               torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
@@ -228,8 +249,10 @@ def open_output(run, dtype):
 
 @torch.no_grad()
 def make_inputs(pipe, batch, gs, seed, device, timestep_bias=0.0):
-    """(noisy latents, timesteps, target, text context) for the samples gs: [(clip or (mean, logvar), caption)];
-    the target is what the UNet should output, the noise or v (the pipeline's prediction)."""
+    """(UNet input, timesteps, target, text context, class labels) for the samples gs: [(clip or (mean, logvar),
+    caption)]. The input is the noisy latents; the target what the UNet should output, the noise or v (the
+    pipeline's prediction). For the upscaler, the input also holds the clip downscaled x4 and noised to a
+    random level (the class label); else the labels are None."""
     clips, captions = zip(*batch)
     context = pipe.text_context(list(captions))
     if isinstance(clips[0], tuple):  # cached posterior moments, each [4, F, h, w]
@@ -237,11 +260,20 @@ def make_inputs(pipe, batch, gs, seed, device, timestep_bias=0.0):
     else:
         mean, logvar = (m.float() for m in pipe.vae.encode_video(stack_clips(clips).to(device)))
     latents = torch.stack([vae_module.sample(m, lv, data.generator(seed, "posterior", g))
-                           for m, lv, g in zip(mean, logvar, gs)]) * LATENT_SCALE
+                           for m, lv, g in zip(mean, logvar, gs)]) * pipe.latent_scale
     gens = [data.generator(seed, "noise", g) for g in gs]
     t = torch.cat([ddim.draw_timestep(gen, timestep_bias) for gen in gens]).to(device)
     noise = torch.stack([torch.randn(latents.shape[1:], generator=gen) for gen in gens]).to(device)
-    return ddim.add_noise(latents, noise, t), t, ddim.target(latents, noise, t, pipe.prediction), context
+    x, levels = ddim.add_noise(latents, noise, t, pipe.alphas), None
+    if pipe.is_upscaler:
+        # x4-upscaling.yaml's training: the low-res image at a noise level drawn uniformly from 0..349
+        low_res = batch_to_frames(F.interpolate(frames_to_batch(stack_clips(clips).to(device)), scale_factor=0.25,
+                                                mode="bicubic", antialias=True), len(clips[0])).clamp(-1, 1)
+        gens = [data.generator(seed, "low-res", g) for g in gs]
+        levels = torch.cat([torch.randint(0, simda.MAX_NOISE_LEVEL, (1,), generator=gen) for gen in gens]).to(device)
+        low_noise = torch.stack([torch.randn(low_res.shape[1:], generator=gen) for gen in gens]).to(device)
+        x = torch.cat([x, ddim.add_noise(low_res, low_noise, levels, pipe.alphas)], dim=1)
+    return x, t, ddim.target(latents, noise, t, pipe.prediction, pipe.alphas), context, levels
 
 
 def train_step(run):
@@ -249,9 +281,9 @@ def train_step(run):
     args = run.args
     gs = [run.step * args.batch_size + j for j in range(run.rank, args.batch_size, run.world)]  # this rank's samples
     with run.autocast():
-        noisy, t, target, context = make_inputs(run.pipe, [run.dataset.sample(g, run.cache) for g in gs], gs, args.seed,
-                                                run.device, args.timestep_bias)
-        loss = F.mse_loss(run.model(noisy, t, context).float(), target)
+        x, t, target, context, y = make_inputs(run.pipe, [run.dataset.sample(g, run.cache) for g in gs], gs, args.seed,
+                                               run.device, args.timestep_bias)
+        loss = F.mse_loss(run.model(x, t, context, y).float(), target)
     value = loss.detach().clone()
     if run.world > 1:
         dist.all_reduce(value)
@@ -300,7 +332,7 @@ def save(run):
     args = run.args
     os.fsync(run.log.fileno())
     meta = dict(frames=args.frames, stride=args.stride, height=args.height, width=args.width, checkpoint=run.ckpt,
-                family=run.pipe.family, prediction=run.pipe.prediction, step=run.step)
+                family=run.pipe.family, prediction=run.pipe.prediction, stage=args.stage, step=run.step)
     if args.video:
         meta.update(prompt=args.prompt, video=args.video)
     if args.data == "shapes":

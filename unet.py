@@ -16,6 +16,9 @@ Linear `proj_in`/`proj_out` instead of 1x1 convolutions (`use_linear_in_transfor
 1024-wide text context; Stability's code also computes attention in float32 under fp16/bf16
 (`upcast_attention`). The head count is not in any weight's shape: `config_from_state_dict` takes
 it from the caller (checkpoint.py states each family's rule) and checks that the widths divide.
+SD's x4 upscaler adds LDM's `num_classes` (its noise level, embedded and added to the time
+embedding: `label_emb`, the forward's `y`) and `disable_self_attentions` (levels whose attn1 attends
+to the text too; latent-shift attention only replaces real self-attention).
 """
 import math
 import re
@@ -43,6 +46,8 @@ class UNetConfig:
     use_linear_in_transformer: bool = False  # SD 2.x: Linear proj_in/proj_out, not 1x1 convolutions
     upcast_attention: bool = False  # attention in float32 when the model runs in fp16/bf16 (SD 2.x)
     context_dim: int = 768
+    num_classes: int = 0  # > 0: a class label embedding added to the time embedding (x4 upscaler: noise levels)
+    disable_self_attentions: tuple = ()  # levels whose attn1 attends to the text instead (x4 upscaler: 1, 2)
 
     @classmethod
     def tiny(cls):
@@ -52,6 +57,14 @@ class UNetConfig:
     def sd2(cls):
         return cls(num_heads=-1, num_head_channels=64, use_linear_in_transformer=True, upcast_attention=True,
                    context_dim=1024)
+
+    @classmethod
+    def x4_upscaler(cls):
+        """SD's x4 upscaler (x4-upscaling.yaml): latents + the 3-channel low-res image in, attention from
+        level 1 down, text-only attn1 at levels 1 and 2, its noise level as one of 1000 classes."""
+        return cls(in_channels=7, model_channels=256, channel_mult=(1, 2, 2, 4), attention_levels=(1, 2, 3),
+                   use_linear_in_transformer=True, upcast_attention=True, context_dim=1024, num_classes=1000,
+                   disable_self_attentions=(1, 2))
 
     def heads(self, channels):
         """The number of attention heads of a transformer `channels` wide (LDM's rule)."""
@@ -159,35 +172,38 @@ class TransformerBlock(nn.Module):
     """Self-attention, cross-attention to the text, feed-forward; each pre-LayerNorm and residual.
     With SimDA: latent-shift self-attention, an adapter on its output and one beside the feed-forward."""
 
-    def __init__(self, dim, heads, context_dim, simda_config=None, upcast=False):
+    def __init__(self, dim, heads, context_dim, simda_config=None, upcast=False, disable_self_attn=False):
         super().__init__()
-        self.attn1 = Attention(dim, heads, upcast=upcast)
+        # LDM's disable_self_attn (the x4 upscaler's upper levels): attn1 is a second cross-attention
+        self.disable_self_attn = disable_self_attn
+        self.attn1 = Attention(dim, heads, context_dim if disable_self_attn else None, upcast=upcast)
         self.ff = FeedForward(dim)
         self.attn2 = Attention(dim, heads, context_dim, upcast=upcast)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
-        self.latent_shift = bool(simda_config and simda_config.latent_shift)
+        self.latent_shift = bool(simda_config and simda_config.latent_shift) and not disable_self_attn
         if simda_config and simda_config.spatial_adapters:
             self.attn_adapter = SpatialAdapter(dim, simda_config.spatial_ratio, skip=True)
             self.ffn_adapter = SpatialAdapter(dim, simda_config.spatial_ratio, skip=False)
         else:
             self.attn_adapter = self.ffn_adapter = None
 
-    def forward(self, x, context, frames, height, width):
+    def forward(self, x, context, frames, height, width, chunk=0):
         # LSA (Sec. 3.3): keys/values are the frame's own tokens and a temporal shift of earlier frames'
         # (the shift moves whole tokens, so it is applied after the k/v projections, which is cheaper).
         # The authors' code concatenates the shifted tokens of frames f-1 and f instead; we follow the paper.
         shift = (lambda z: latent_shift(z, frames, height, width)) if self.latent_shift else None
-        h = self.attn1(self.norm1(x), more_keys=shift)
+        h = self.attn1(self.norm1(x), context if self.disable_self_attn else None, more_keys=shift)
         x = x + (self.attn_adapter(h) if self.attn_adapter is not None else h)
         x = x + self.attn2(self.norm2(x), context)
-        h = self.ff(self.norm3(x))
+        h = in_chunks(lambda z: self.ff(self.norm3(z)), chunk, x)  # token-wise: the 8x-wide GEGLU is the big one
         return x + (h + self.ffn_adapter(x) if self.ffn_adapter is not None else h)
 
 
 class SpatialTransformer(nn.Module):
-    def __init__(self, channels, heads, context_dim, simda_config=None, linear=False, upcast=False):
+    def __init__(self, channels, heads, context_dim, simda_config=None, linear=False, upcast=False,
+                 disable_self_attn=False):
         super().__init__()
         if simda_config and simda_config.temporal_adapters:
             self.temporal_adapter = TemporalAdapter(channels, simda_config.temporal_ratio)
@@ -198,10 +214,11 @@ class SpatialTransformer(nn.Module):
         # layers after: the same map, stored in different shapes.
         self.linear = linear
         self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim, simda_config, upcast)])
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim, simda_config, upcast,
+                                                                  disable_self_attn)])
         self.proj_out = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x, context, frames):
+    def forward(self, x, context, frames, chunk=0):
         if self.temporal_adapter is not None:
             x = frames_to_batch(self.temporal_adapter(batch_to_frames(x, frames)))
         b, c, h, w = x.shape
@@ -211,7 +228,7 @@ class SpatialTransformer(nn.Module):
         else:  # project, then b c h w -> b (h w) c
             z = self.proj_in(z).flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
-            z = block(z, context, frames, h, w)
+            z = block(z, context, frames, h, w, chunk)
         if self.linear:  # project, then b (h w) c -> b c h w
             z = self.proj_out(z).transpose(1, 2).reshape(b, c, h, w)
         else:
@@ -219,18 +236,27 @@ class SpatialTransformer(nn.Module):
         return x + z
 
 
-def run_block(block, h, emb, context, frames, size, checkpointing=False):
+def in_chunks(fn, chunk, *tensors):
+    """fn(*tensors), computed on `chunk` rows (frames) of them at a time when chunk > 0: the same result
+    for a function that treats each row on its own, with a fraction of its temporaries alive at once."""
+    if not 0 < chunk < tensors[0].shape[0]:
+        return fn(*tensors)
+    return torch.cat([fn(*parts) for parts in zip(*(t.split(chunk) for t in tensors))])
+
+
+def run_block(block, h, emb, context, frames, size, checkpointing=False, chunk=0):
     """Run one input/middle/output block (a ModuleList of ResBlock, SpatialTransformer, Down/Upsample);
     `size` is where an Upsample must land. `checkpointing`: recompute the SpatialTransformer in the
     backward pass instead of keeping its activations (attention, the 8x-wide GEGLU: most of the
-    memory), while the ResBlocks (the convolutions: most of the compute) keep theirs."""
+    memory), while the ResBlocks (the convolutions: most of the compute) keep theirs. `chunk` > 0:
+    the layers that see one frame at a time run on that many frames at a time (see UNet.frame_chunk)."""
     for layer in block:
         if isinstance(layer, ResBlock):
-            h = layer(h, emb)
+            h = in_chunks(layer, chunk, h, emb)
         elif isinstance(layer, SpatialTransformer) and checkpointing:
-            h = checkpoint(layer, h, context, frames, use_reentrant=False)
+            h = checkpoint(layer, h, context, frames, chunk, use_reentrant=False)
         elif isinstance(layer, SpatialTransformer):
-            h = layer(h, context, frames)
+            h = layer(h, context, frames, chunk)
         elif isinstance(layer, Upsample):
             h = layer(h, size)
         else:
@@ -244,14 +270,21 @@ class UNet(nn.Module):
         self.config = c = config
         self.simda_config = simda_config  # None: the plain SD UNet, run frame by frame
         self.gradient_checkpointing = False  # for training: see run_block
+        # > 0: the ResBlocks and the transformers' feed-forwards run on this many frames at a time. They
+        # see one frame each (only the temporal adapters and latent shift mix frames), so the result
+        # is the same while their temporaries (most of the memory at the upscaler's 256x256 latents)
+        # shrink.
+        self.frame_chunk = 0
         mc, emb_dim, levels = c.model_channels, c.model_channels * 4, len(c.channel_mult)
 
-        def transformer(ch):
+        def transformer(ch, level=None):
             return SpatialTransformer(ch, c.heads(ch), c.context_dim, simda_config, c.use_linear_in_transformer,
-                                      c.upcast_attention)
+                                      c.upcast_attention, level in c.disable_self_attentions)
 
         # time_embed: [0] linear [1] SiLU [2] linear
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if c.num_classes:
+            self.label_emb = nn.Embedding(c.num_classes, emb_dim)
 
         self.input_blocks = nn.ModuleList([nn.ModuleList([nn.Conv2d(c.in_channels, mc, 3, padding=1)])])
         skip_channels, ch = [mc], mc
@@ -260,7 +293,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch, mult * mc, emb_dim)]
                 ch = mult * mc
                 if level in c.attention_levels:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 self.input_blocks.append(nn.ModuleList(layers))
                 skip_channels.append(ch)
             if level != levels - 1:
@@ -275,7 +308,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), mult * mc, emb_dim)]
                 ch = mult * mc
                 if level in c.attention_levels:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 if level != 0 and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(nn.ModuleList(layers))
@@ -283,14 +316,20 @@ class UNet(nn.Module):
         # out: [0] GroupNorm [1] SiLU [2] conv
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1))
 
-    def forward(self, x, t, context):
-        """x [B, C, F, h, w] latents, t [B] (or a scalar) timesteps, context [B, 77, D] text states."""
+    def forward(self, x, t, context, y=None):
+        """x [B, C, F, h, w] latents, t [B] (or a scalar) timesteps, context [B, 77, D] text states; y [B]
+        class labels (LongTensor), for a UNet with `num_classes` (the x4 upscaler's noise level)."""
         if x.dim() != 5:
             raise ValueError(f"UNet expects video latents [B, C, F, h, w], got shape {tuple(x.shape)}")
+        if (y is None) != (not self.config.num_classes):
+            raise ValueError(f"this UNet has {self.config.num_classes} classes: y (class labels [B]) must be "
+                             f"{'given' if self.config.num_classes else 'None'}")
         b, frames = x.shape[0], x.shape[2]
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
 
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
+        if y is not None:
+            emb = emb + self.label_emb(torch.as_tensor(y, device=x.device).reshape(-1).expand(b))
         # every frame of a video shares its timestep and its text
         emb = emb.repeat_interleave(frames, dim=0)
         context = context.repeat_interleave(frames, dim=0)
@@ -299,12 +338,13 @@ class UNet(nn.Module):
         h = frames_to_batch(x)
         skips = []
         for block in self.input_blocks:
-            h = run_block(block, h, emb, context, frames, None, checkpointing)
+            h = run_block(block, h, emb, context, frames, None, checkpointing, self.frame_chunk)
             skips.append(h)
-        h = run_block(self.middle_block, h, emb, context, frames, None, checkpointing)
+        h = run_block(self.middle_block, h, emb, context, frames, None, checkpointing, self.frame_chunk)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
-            h = run_block(block, h, emb, context, frames, skips[-1].shape[-2:] if skips else None, checkpointing)
+            h = run_block(block, h, emb, context, frames, skips[-1].shape[-2:] if skips else None, checkpointing,
+                          self.frame_chunk)
         return batch_to_frames(self.out(h), frames)
 
 
@@ -316,12 +356,17 @@ def config_from_state_dict(sd, num_heads=8, num_head_channels=-1, upcast_attenti
     levels = 1 + sum(1 for k in sd if re.fullmatch(r"input_blocks\.\d+\.0\.op\.weight", k))
     num_input_blocks = len({k.split(".")[1] for k in sd if k.startswith("input_blocks.")})
     num_res_blocks = (num_input_blocks - levels) // levels
-    channel_mult, attention_levels = [], []
+    context_dim = sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    channel_mult, attention_levels, disabled = [], [], []
     for level in range(levels):
         first = 1 + level * (num_res_blocks + 1)  # the level's first ResBlock
         channel_mult.append(sd[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] // mc)
         if f"input_blocks.{first}.1.proj_in.weight" in sd:
             attention_levels.append(level)
+            # attn1's keys come from the text where self-attention is disabled (where the text is as
+            # wide as the level, shapes cannot tell; every released model has self-attention there)
+            if sd[f"input_blocks.{first}.1.transformer_blocks.0.attn1.to_k.weight"].shape[1] != mc * channel_mult[-1]:
+                disabled.append(level)
     widths = {mc * channel_mult[level] for level in attention_levels} | {mc * channel_mult[-1]}  # + the middle block
     rule = f"{num_head_channels}-channel heads" if num_head_channels != -1 else f"{num_heads} heads"
     if any(width % (num_head_channels if num_head_channels != -1 else num_heads) for width in widths):
@@ -332,7 +377,8 @@ def config_from_state_dict(sd, num_heads=8, num_head_channels=-1, upcast_attenti
         model_channels=mc, channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks,
         attention_levels=tuple(attention_levels), num_heads=num_heads, num_head_channels=num_head_channels,
         use_linear_in_transformer=sd["middle_block.1.proj_in.weight"].dim() == 2, upcast_attention=upcast_attention,
-        context_dim=sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1])
+        context_dim=context_dim, num_classes=sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else 0,
+        disable_self_attentions=tuple(disabled))
 
 
 def from_diffusers(sd):
@@ -363,6 +409,7 @@ def from_diffusers(sd):
         k = re.sub(r"^mid_block\.attentions\.0\.", "middle_block.1.", k)
         k = re.sub(r"^time_embedding\.linear_(\d)\.", lambda m: f"time_embed.{2 * int(m.group(1)) - 2}.", k)
         k = re.sub(r"^conv_in\.", "input_blocks.0.0.", k)
+        k = re.sub(r"^class_embedding\.weight$", "label_emb.weight", k)
         k = re.sub(r"^conv_norm_out\.", "out.0.", k)
         k = re.sub(r"^conv_out\.", "out.2.", k)
         if re.match(r"(input_blocks|middle_block|output_blocks)\.(\d+\.)?\d+\.[a-z_0-9]+\.(weight|bias)$", k):

@@ -40,12 +40,12 @@ def stack_clips(clips):
     return torch.stack(list(clips)).transpose(1, 2)
 
 
-def check_shape(frames, height, width, factor=SD_FACTOR):
+def check_shape(frames, height, width, factor=SD_FACTOR, why="the VAE's downsampling factor"):
     if frames < 1:
         raise ValueError(f"--frames must be at least 1, got {frames}")
     if height < 1 or width < 1 or height % factor or width % factor:
         raise ValueError(f"video size {width}x{height} (width x height): both must be positive multiples of "
-                         f"{factor}, the VAE's downsampling factor")
+                         f"{factor}, {why}")
 
 
 def resolve_shape(frames=None, size=None, height=None, width=None, defaults=(DEFAULT_FRAMES, DEFAULT_SIZE, DEFAULT_SIZE)):

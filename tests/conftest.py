@@ -1,12 +1,15 @@
-"""What the tests share: the project root on sys.path, weight perturbation, relative error, and the
-one tiny SD (models, single-file checkpoint and UNet inputs) that the tests run on."""
+"""What the tests share: the project root on sys.path, weight perturbation (of whole models or of
+the adapters only), relative error, one thread for a module, a random full-size SD written as one
+single file, and the one tiny SD (models, single-file checkpoint and UNet inputs) that the tests run on."""
 import copy
 import dataclasses
+import gc
 import os
 import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -15,6 +18,7 @@ if ROOT not in sys.path:
 import clip_text  # noqa: E402
 import unet as unet_module  # noqa: E402
 import vae as vae_module  # noqa: E402
+from adapters import is_adapter_key  # noqa: E402
 from checkpoint import ldm_state_dict, save_safetensors  # noqa: E402
 
 
@@ -30,10 +34,47 @@ def perturb_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
+@torch.no_grad()
+def perturb_adapters_(unet: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
+    """Add scale * N(0, 1) to every adapter parameter (is_adapter_key), in named_parameters order from
+    one generator seeded `seed`: fresh adapters (zero-initialised outputs) then do mix frames."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in unet.named_parameters():
+        if is_adapter_key(name):
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return unet
+
+
+def write_random_sd(path, configs, first_seed):
+    """Write (text encoder, VAE, UNet) of `configs` (text, VAE, UNet configs), model i built after
+    torch.manual_seed(first_seed + i) and perturbed with seed first_seed + i, to `path` as one single
+    file in the official layout (checkpoint.ldm_state_dict); return `path`. Neither the models nor the
+    state dict outlive the call: at full size each is gigabytes."""
+    models = []
+    for i, (model_class, config) in enumerate(zip((clip_text.CLIPTextEncoder, vae_module.AutoencoderKL,
+                                                   unet_module.UNet), configs)):
+        torch.manual_seed(first_seed + i)
+        models.append(perturb_(model_class(config), first_seed + i))
+    save_file(ldm_state_dict(*models), path)
+    del models
+    gc.collect()
+    return path
+
+
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """||ours - ref|| / ||ref||, computed in float64."""
     ours, ref = ours.detach().double(), ref.detach().double()
     return ((ours - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One thread for a whole module (use with pytestmark = pytest.mark.usefixtures("one_thread")), as
+    each torchrun process gets: faster on a shared machine, and the same numerics."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def unet_inputs(config, b=2, frames=3, h=8, w=16, seed=1):

@@ -6,7 +6,7 @@ import os
 import shutil
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, DDIMScheduler
 from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint,
                                                  convert_open_clip_checkpoint)
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -15,6 +15,15 @@ from bench import peer_unet
 from checkpoint import OPEN_CLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, ldm_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sd_ddim_scheduler(prediction_type="epsilon"):
+    """diffusers' DDIMScheduler as SD's scheduler configs set it ("epsilon" for SD 1.x and 2.x-base,
+    "v_prediction" for SD 2.x 768-v). timestep_spacing="leading" is diffusers' default, said here so
+    that the reference does not move if that default does."""
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+                         prediction_type=prediction_type)
 
 
 def diffusers_vae_config(c):

@@ -1,17 +1,19 @@
-"""ddim.py against diffusers' DDIMScheduler configured as SD 1.x uses it, plus the inversion round trip."""
+"""ddim.py against diffusers' DDIMScheduler configured as SD uses it (epsilon as SD 1.x, v as SD 2.x 768-v), plus
+the inversion round trip."""
 import pytest
 import torch
-from diffusers import DDIMScheduler
 
 import ddim
 from conftest import rel_err
+from reference import sd_ddim_scheduler
 
 SHAPE = (2, 4, 3, 8, 8)  # video latents [B, C, F, h, w]
+DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction"}  # ddim's name -> diffusers' prediction_type
 
 
-def sd_scheduler():
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+def sd_scheduler(prediction="epsilon"):
+    """diffusers' DDIM as SD uses it, predicting `prediction` (ddim's names: "epsilon" or "v")."""
+    return sd_ddim_scheduler(DIFFUSERS_PREDICTION[prediction])
 
 
 def random_eps_fn(seed=0):
@@ -48,33 +50,49 @@ def test_alphas_cumprod_match_diffusers():
     assert ((ddim.alphas_cumprod.double() - ref.double()).abs() / ref.double()).max() < 2e-6
 
 
-@pytest.mark.parametrize("n", [10, 50])
+# Per prediction, the seeds of the model's fixed random part, of the start and of the step noise:
+# v (SD 2.x 768-v) draws other values than epsilon, so that the two really are separate cases.
+TRAJECTORY_SEEDS = {"epsilon": (0, 1), "v": (8, 9)}  # (model, start and step noise)
+SAMPLE_SEEDS = {"epsilon": (2, 3, 4), "v": (10, 11, 12)}  # (model, start, step noise)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+@pytest.mark.parametrize("n", [10, 25, 50])
 @pytest.mark.parametrize("eta", [0.0, 0.7])
-def test_step_trajectory_matches_diffusers(n, eta):
-    ref = sd_scheduler()
+def test_step_trajectory_matches_diffusers(n, eta, prediction):
+    ref = sd_scheduler(prediction)
     ref.set_timesteps(n)
     ts = ddim.timesteps(n).tolist()
-    eps_fn = random_eps_fn()
-    g = torch.Generator().manual_seed(1)
+    assert ts == ref.timesteps.tolist()
+    model_seed, noise_seed = TRAJECTORY_SEEDS[prediction]
+    model_fn = random_eps_fn(seed=model_seed)  # eps or v: a fixed random part per timestep plus 0.1 * x
+    g = torch.Generator().manual_seed(noise_seed)
     x = x_ref = torch.randn(SHAPE, generator=g)
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1  # -1: the final step, to alphas_cumprod[0]
         noise = torch.randn(SHAPE, generator=g)
-        x = ddim.step(x, eps_fn(x, t), t, t_prev, eta=eta, noise=noise)
-        x_ref = ref.step(eps_fn(x_ref, t), t, x_ref, eta=eta, variance_noise=noise).prev_sample
+        x = ddim.step(x, model_fn(x, t), t, t_prev, eta=eta, noise=noise, prediction=prediction)
+        x_ref = ref.step(model_fn(x_ref, t), t, x_ref, eta=eta, variance_noise=noise).prev_sample
         assert rel_err(x, x_ref) <= 1e-5, f"step {i} (t={t})"
+    if prediction == "v":
+        # ... and reading the v output as eps gives another trajectory: the prediction is really used
+        eps_read = ddim.step(x_ref, model_fn(x_ref, 981), 981, 961)
+        assert rel_err(eps_read, ddim.step(x_ref, model_fn(x_ref, 981), 981, 961, prediction="v")) > 0.01
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_sample_matches_diffusers_loop(eta):
-    ref = sd_scheduler()
+def test_sample_matches_diffusers_loop(eta, prediction):
+    ref = sd_scheduler(prediction)
     ref.set_timesteps(25)
-    eps_fn = random_eps_fn(seed=2)
-    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
-    x_ref, g = x_T, torch.Generator().manual_seed(4)
+    model_seed, start_seed, noise_seed = SAMPLE_SEEDS[prediction]
+    model_fn = random_eps_fn(seed=model_seed)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(start_seed))
+    x_ref, g = x_T, torch.Generator().manual_seed(noise_seed)
     for t in ref.timesteps:
-        x_ref = ref.step(eps_fn(x_ref, t), t, x_ref, eta=eta, generator=g).prev_sample
-    ours = ddim.sample(x_T, eps_fn, 25, eta=eta, generator=torch.Generator().manual_seed(4))
+        x_ref = ref.step(model_fn(x_ref, t), t, x_ref, eta=eta, generator=g).prev_sample
+    ours = ddim.sample(x_T, model_fn, 25, eta=eta, generator=torch.Generator().manual_seed(noise_seed),
+                       prediction=prediction)
     assert rel_err(ours, x_ref) <= 1e-5
 
 
@@ -124,12 +142,6 @@ def test_timestep_bias_favours_the_noisiest_steps_and_zero_keeps_sds_uniform_dra
 
 # ---------------------------------------------------------------------------- v-prediction (SD 2.x 768-v)
 
-def sd_v_scheduler():
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
-                         prediction_type="v_prediction")
-
-
 def constant_eps_as_v(c):
     """The v-model equivalent to the x-independent eps model eps(x, t) = c[t]: the v of the (eps, x0)
     that x at t splits into under that eps."""
@@ -140,47 +152,13 @@ def constant_eps_as_v(c):
     return v_fn
 
 
-@pytest.mark.parametrize("n", [25, 50])
-@pytest.mark.parametrize("eta", [0.0, 0.7])
-def test_v_step_trajectory_matches_diffusers(n, eta):
-    ref = sd_v_scheduler()
-    ref.set_timesteps(n)
-    ts = ddim.timesteps(n).tolist()
-    assert ts == ref.timesteps.tolist()
-    v_fn = random_eps_fn(seed=8)  # as a v prediction: a fixed random part per timestep plus 0.1 * x
-    g = torch.Generator().manual_seed(9)
-    x = x_ref = torch.randn(SHAPE, generator=g)
-    for i, t in enumerate(ts):
-        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        noise = torch.randn(SHAPE, generator=g)
-        x = ddim.step(x, v_fn(x, t), t, t_prev, eta=eta, noise=noise, prediction="v")
-        x_ref = ref.step(v_fn(x_ref, t), t, x_ref, eta=eta, variance_noise=noise).prev_sample
-        assert rel_err(x, x_ref) <= 1e-5, f"step {i} (t={t})"
-    # ... and reading the v output as eps gives another trajectory: the prediction is really used
-    eps_read = ddim.step(x_ref, v_fn(x_ref, 981), 981, 961)
-    assert rel_err(eps_read, ddim.step(x_ref, v_fn(x_ref, 981), 981, 961, prediction="v")) > 0.01
-
-
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_v_sample_matches_diffusers_loop(eta):
-    ref = sd_v_scheduler()
-    ref.set_timesteps(25)
-    v_fn = random_eps_fn(seed=10)
-    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(11))
-    x_ref, g = x_T, torch.Generator().manual_seed(12)
-    for t in ref.timesteps:
-        x_ref = ref.step(v_fn(x_ref, t), t, x_ref, eta=eta, generator=g).prev_sample
-    ours = ddim.sample(x_T, v_fn, 25, eta=eta, generator=torch.Generator().manual_seed(12), prediction="v")
-    assert rel_err(ours, x_ref) <= 1e-5
-
-
 def test_v_target_is_diffusers_velocity_and_epsilon_target_is_the_noise():
     g = torch.Generator().manual_seed(13)
     x0, noise = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
     for t in (torch.tensor([0, 999]), torch.tensor([500, 1]), torch.randint(0, 1000, (2,), generator=g)):
         v = ddim.target(x0, noise, t, "v")
         assert v.shape == x0.shape
-        assert rel_err(v, sd_v_scheduler().get_velocity(x0, noise, t)) <= 1e-6
+        assert rel_err(v, sd_scheduler("v").get_velocity(x0, noise, t)) <= 1e-6
         assert torch.equal(ddim.target(x0, noise, t, "epsilon"), noise)
         assert torch.equal(ddim.target(x0, noise, t), noise)  # the default
     # the two samples of a batch get their own timestep's alpha

@@ -13,14 +13,13 @@ import gc
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import clip_text
 import simda
 import unet as unet_module
 import vae as vae_module
-from checkpoint import ldm_state_dict
-from conftest import perturb_, rel_err
+from conftest import rel_err, write_random_sd
 from reference import diffusers_unet, diffusers_vae, save_diffusers_folder, transformers_clip
 
 pytestmark = pytest.mark.slow
@@ -31,17 +30,8 @@ PROMPTS = ["a dog surfing", "a red circle moving right, oil painting, 4k"]
 def checkpoint(tmp_path_factory):
     """Path of the three SD-1.5 models, every parameter perturbed, as one single file in the official
     layout. The state dict is not kept: alive beside the references and a pipeline, it would add 4.3 GB."""
-    models = []
-    for seed, (model_class, config) in enumerate([(clip_text.CLIPTextEncoder, clip_text.CLIPTextConfig()),
-                                                  (vae_module.AutoencoderKL, vae_module.VAEConfig()),
-                                                  (unet_module.UNet, unet_module.UNetConfig())]):
-        torch.manual_seed(seed)
-        models.append(perturb_(model_class(config), seed))
-    path = str(tmp_path_factory.mktemp("sd15") / "v1-5-random.safetensors")
-    save_file(ldm_state_dict(*models), path)
-    del models
-    gc.collect()
-    return path
+    return write_random_sd(str(tmp_path_factory.mktemp("sd15") / "v1-5-random.safetensors"),
+                           (clip_text.CLIPTextConfig(), vae_module.VAEConfig(), unet_module.UNetConfig()), first_seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -20,16 +20,15 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import adapters
 import clip_text
 import simda
 import unet as unet_module
 import vae as vae_module
-from checkpoint import OPEN_CLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, ldm_state_dict
-from conftest import perturb_, rel_err
-from reference import diffusers_unet, diffusers_vae, save_diffusers_folder, transformers_clip
+from checkpoint import OPEN_CLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from conftest import rel_err, write_random_sd
+from reference import diffusers_unet, diffusers_vae, save_diffusers_folder, sd_ddim_scheduler, transformers_clip
 from video import batch_to_frames, frames_to_batch
 
 pytestmark = pytest.mark.slow
@@ -47,16 +46,8 @@ def checkpoint(tmp_path_factory):
     """Path of the three SD-2.1 models, every parameter perturbed, as one single file in the official
     layout; named as Stability names its 768-v files, which is how the loader knows they predict v.
     The state dict is not kept: alive beside the references and a pipeline, it would add 5.2 GB."""
-    models = []
-    for seed, (model_class, config) in enumerate(zip((clip_text.CLIPTextEncoder, vae_module.AutoencoderKL,
-                                                      unet_module.UNet), CONFIGS)):
-        torch.manual_seed(20 + seed)
-        models.append(perturb_(model_class(config), 20 + seed))
-    path = str(tmp_path_factory.mktemp("sd21") / "v2-1_768-random.safetensors")
-    save_file(ldm_state_dict(*models), path)
-    del models
-    gc.collect()
-    return path
+    return write_random_sd(str(tmp_path_factory.mktemp("sd21") / "v2-1_768-random.safetensors"), CONFIGS,
+                           first_seed=20)
 
 
 @pytest.fixture(scope="module")
@@ -107,14 +98,13 @@ def reference_outputs(tokenizer, text_encoder, vae, unet, inputs):
     """The references' outputs on `inputs`: the text encoder's on transformers' ids, the UNet's with
     the frames folded into the batch and each video's text and timestep repeated per frame (as
     diffusers' video pipelines do), and diffusers' own guided v-prediction DDIM sampling."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
     ids = tokenizer(TOKENIZED, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     posterior = vae.encode(inputs["images"]).latent_dist
     video, t, frames = inputs["video"], inputs["t"], inputs["video"].shape[2]
     eps = unet(frames_to_batch(video), t.repeat_interleave(frames),
                encoder_hidden_states=inputs["context"].repeat_interleave(frames, 0)).sample
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
+    scheduler = sd_ddim_scheduler("v_prediction")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

@@ -12,8 +12,8 @@ import data
 import ddim
 import sample
 import simda
-from adapters import SimDAConfig, is_adapter_key
-from conftest import rel_err
+from adapters import SimDAConfig
+from conftest import perturb_adapters_, rel_err
 from video import save_video, stack_clips
 
 PROMPT = "a red ball rolling"
@@ -27,11 +27,7 @@ def files(tmp_path_factory, tiny_checkpoint):
     folder = tmp_path_factory.mktemp("sample")
     ckpt = tiny_checkpoint
     pipe = simda.load_pipeline(ckpt, simda_config=SimDAConfig())
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in pipe.unet.named_parameters():
-            if is_adapter_key(name):
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    perturb_adapters_(pipe.unet, seed=3)
     adapters = str(folder / "adapters.safetensors")
     simda.save_adapters(pipe.unet, adapters, prompt=PROMPT, frames=FRAMES, height=HEIGHT, width=WIDTH, stride=1)
     return ckpt, adapters

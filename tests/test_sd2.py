@@ -24,7 +24,8 @@ import simda
 import unet as unet_module
 from checkpoint import OPEN_CLIP_PREFIX, SD2, TEXT_PREFIX, ldm_state_dict, save_safetensors
 from conftest import rel_err, unet_inputs
-from reference import diffusers_unet, diffusers_vae, save_diffusers_folder, transformers_clip
+from reference import diffusers_unet, diffusers_vae, save_diffusers_folder, sd_ddim_scheduler, transformers_clip
+from video import batch_to_frames, frames_to_batch
 
 TOL = 1e-4
 VOCAB = os.path.join(clip_text.VOCAB_DIR, "vocab.json")
@@ -55,34 +56,18 @@ def hf_ids(tokenizer, prompts):
     return tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
 
-def sd2_scheduler():
-    """diffusers' DDIM with SD's settings and v-prediction (SD 2.x 768-v's scheduler config)."""
-    from diffusers import DDIMScheduler
-    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
-
-
 def attention_modules(model):
     return [m for m in model.modules() if isinstance(m, unet_module.Attention)]
 
 
-def fold(x):
-    """[B, C, F, h, w] -> [(B F), C, h, w], frames folded into the batch as diffusers' 2D UNet takes them."""
-    b, c, f, h, w = x.shape
-    return x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-
-
-def unfold(x, frames):
-    bf, c, h, w = x.shape
-    return x.reshape(bf // frames, frames, c, h, w).permute(0, 2, 1, 3, 4)
-
-
 @torch.no_grad()
 def diffusers_video(peer, x, t, context):
-    """diffusers' UNet on video latents, frame by frame: every frame gets its video's timestep and text."""
+    """diffusers' UNet on video latents, frame by frame: the frames folded into the batch ([(B F), C, h, w],
+    as diffusers' 2D UNet takes them), every frame with its video's timestep and text."""
     frames = x.shape[2]
     t = torch.as_tensor(t).reshape(-1).expand(x.shape[0]).repeat_interleave(frames)
-    return unfold(peer(fold(x), t, encoder_hidden_states=context.repeat_interleave(frames, dim=0)).sample, frames)
+    out = peer(frames_to_batch(x), t, encoder_hidden_states=context.repeat_interleave(frames, dim=0)).sample
+    return batch_to_frames(out, frames)
 
 
 # ---------------------------------------------------------------------------- shared models
@@ -100,7 +85,7 @@ def diffusers_folder(references, tmp_path_factory):
     """The reference models saved as the Hub lays SD 2.x out, with a v-prediction scheduler config."""
     folder = tmp_path_factory.mktemp("sd2-folder") / "tiny-sd2-diffusers"
     save_diffusers_folder(str(folder), *references)
-    sd2_scheduler().save_pretrained(str(folder / "scheduler"))
+    sd_ddim_scheduler("v_prediction").save_pretrained(str(folder / "scheduler"))
     return folder
 
 
@@ -114,8 +99,8 @@ def diffusers_pipe(references):
     from diffusers import StableDiffusionPipeline
     text_encoder, vae, unet = references
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=hf_tokenizer(), unet=unet,
-                                   scheduler=sd2_scheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+                                   scheduler=sd_ddim_scheduler("v_prediction"), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

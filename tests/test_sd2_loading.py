@@ -25,22 +25,15 @@ import unet as unet_module
 import vae as vae_module
 from adapters import SimDAConfig, is_adapter_key
 from checkpoint import SD1, SD2, CheckpointError, choose_prediction, folder_family, ldm_state_dict
-from conftest import rel_err
+from conftest import perturb_adapters_, rel_err
 from reference import diffusers_unet, diffusers_vae, save_diffusers_folder, transformers_clip
 from test_data import captioned
+from test_loading import outputs
 from vae import LATENT_SCALE
 from video import stack_clips
 
 NO_CLUE = ("assuming v", "--prediction epsilon")  # what the reason says when nothing tells the prediction
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread, as test_train.py runs: faster on a shared two-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: one thread, as test_train.py runs
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +54,6 @@ def linked(source, folder, name):
     except OSError:
         shutil.copy(source, path)
     return path
-
-
-@torch.no_grad()
-def outputs(text_encoder, vae, unet):
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 49408, (2, 77), generator=g)
-    images = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
-    x = torch.randn(1, 4, 2, 8, 8, generator=g)
-    ctx = torch.randn(1, 77, unet.config.context_dim, generator=g)
-    return [text_encoder(ids), *vae.encode(images), vae.decode(x[:, :, 0]), unet(x, torch.tensor([500]), ctx)]
 
 
 def expect_error(path, *fragments, error=CheckpointError, **kwargs):
@@ -337,11 +320,7 @@ def adapter_files(tmp_path_factory, tiny_checkpoint, tiny_sd2_checkpoint):
     files = {}
     for family, ckpt in (("SD 1.x", tiny_checkpoint), ("SD 2.x", tiny_sd2_checkpoint)):
         pipe = simda.load_pipeline(ckpt, simda_config=SimDAConfig())
-        g = torch.Generator().manual_seed(4)
-        with torch.no_grad():
-            for name, p in pipe.unet.named_parameters():
-                if is_adapter_key(name):
-                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        perturb_adapters_(pipe.unet, seed=4)
         files[family] = str(folder / f"{family[3]}.safetensors")
         simda.save_adapters(pipe.unet, files[family], family=family, prediction=pipe.prediction, checkpoint=ckpt,
                             frames=2, height=16, width=16)
@@ -376,7 +355,8 @@ def test_make_inputs_regresses_v_on_a_v_model_and_the_noise_on_an_epsilon_model(
     assert pipe.prediction == "v"
     clip = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1  # [F, C, H, W]
     batch, gs, seed = [(clip, "a dog")], [3], 7
-    noisy, t, target, context = train.make_inputs(pipe, batch, gs, seed, torch.device("cpu"))
+    noisy, t, target, context, labels = train.make_inputs(pipe, batch, gs, seed, torch.device("cpu"))
+    assert labels is None  # a text-to-video model has no class labels
     # the same draws as make_inputs makes: the posterior sample, then the timestep and the noise
     with torch.no_grad():
         mean, logvar = pipe.vae.encode_video(stack_clips([clip]))
@@ -390,7 +370,7 @@ def test_make_inputs_regresses_v_on_a_v_model_and_the_noise_on_an_epsilon_model(
     assert context.shape == (1, 77, 128)
 
     pipe.prediction = "epsilon"  # as --prediction epsilon loads it
-    noisy_eps, t_eps, target_eps, _ = train.make_inputs(pipe, batch, gs, seed, torch.device("cpu"))
+    noisy_eps, t_eps, target_eps, _, _ = train.make_inputs(pipe, batch, gs, seed, torch.device("cpu"))
     assert torch.equal(noisy_eps, noisy) and torch.equal(t_eps, t)
     assert torch.equal(target_eps, noise)
 

@@ -18,18 +18,12 @@ from adapters import SimDAConfig
 from conftest import ROOT, rel_err
 from test_data import captioned, write_corrupt
 
+# conftest's one_thread: one thread, as each torchrun process gets (faster on a shared machine, the same numerics)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # 4 frames of 16x16 (latents 8x8: the tiny VAE halves, the tiny UNet needs multiples of 4), global batch 2
 COMMON = ["--frames", "4", "--stride", "2", "--size", "16", "--batch-size", "2", "--lr", "1e-3", "--log-every", "1"]
 STEPS = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread, as each torchrun process gets: faster on a shared machine, and the same numerics."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -111,3 +111,19 @@ def test_video_encode_and_decode_are_the_image_ones_frame_by_frame():
     assert torch.allclose(decoded[:, :, 1], ours.decode(mean[:, :, 1]), atol=1e-6)
     with pytest.raises(ValueError, match=r"a video \[B, C, F, H, W\]"):
         ours.encode_video(video[:, :, 0])
+
+
+def test_attention_in_query_blocks_equals_one_call():
+    """The VAE's middle attention runs its queries in blocks (memory at the upscaler's 256x256 latents);
+    each query still attends to every key, so the result is the one-call result."""
+    from vae import AttnBlock
+    from conftest import perturb_, rel_err
+    torch.manual_seed(0)
+    block = perturb_(AttnBlock(64)).eval()
+    x = torch.randn(2, 64, 12, 10)
+    with torch.no_grad():
+        whole = block(x)
+        block.query_block = 7  # 120 positions: 17 blocks, the last one short
+        blocked = block(x)
+    assert rel_err(blocked, whole) <= 1e-6
+    assert rel_err(whole, x) > 1e-2  # the attention does something
