@@ -32,7 +32,7 @@ ROWS = [
 ]
 COLUMNS = [("motion_correct", "motion direction", "%"), ("colour_correct", "colour", "%"), ("shape_correct", "shape", "%"),
            ("present_fraction", "object present (frames)", "%"), ("area_variation", "area variation", "f"),
-           ("smoothness", "smoothness (0 = steady)", "f")]
+           ("smoothness", "smoothness (0 = steady)", "f"), ("stray_fraction", "stray blob (frames)", "%")]
 
 
 def prompts_and_seeds(seeds):

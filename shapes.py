@@ -67,11 +67,16 @@ def coverage(shape, cx, cy, r, width, height):
     return inside.reshape(height, SUPERSAMPLE, width, SUPERSAMPLE).mean(axis=(1, 3))
 
 
-def make_video(colour, shape, direction, frames=8, size=64, seed=0):
-    """uint8 [frames, size, size, 3]: the shape moving `direction` at a steady speed."""
+def make_video(colour, shape, direction, frames=8, size=64, seed=0, render=None):
+    """uint8 [frames, render, render, 3]: the shape moving `direction` at a steady speed. The scene
+    (position, size, speed, trail) is drawn for a `size`-pixel frame; `render` (default `size`) draws
+    that same scene with more (or fewer) pixels, every length scaled by render / size, so a 32-pixel
+    clip has its 128-pixel truth (the demo's super-resolution stage)."""
     parse_caption(f"a {colour} {shape} moving {direction}")  # raises outside the world
-    if frames < 1 or size < 8:
-        raise ValueError(f"need frames >= 1 and size >= 8, got frames={frames}, size={size}")
+    render = size if render is None else render
+    if frames < 1 or size < 8 or render < 1:
+        raise ValueError(f"need frames >= 1, size >= 8 and render >= 1, got frames={frames}, size={size}, "
+                         f"render={render}")
     rng = np.random.default_rng(seed)
     r = rng.uniform(0.11, 0.16) * size  # half-width: 7 to 10 pixels at size 64
     lo, hi = r + 1, size - r - 1  # the centre's range that keeps the shape (and a 1-pixel margin) inside
@@ -81,25 +86,28 @@ def make_video(colour, shape, direction, frames=8, size=64, seed=0):
     along = 0 if ux else 1  # along the motion axis, start where the whole travel fits
     start[along] = lo + rng.random() * max(hi - lo - travel, 0) + (travel if ux + uy < 0 else 0)
     background, ink = np.array(BACKGROUND, np.float64), np.array(COLOURS[colour], np.float64)
-    video = np.empty((frames, size, size, 3), np.uint8)
+    video = np.empty((frames, render, render, 3), np.uint8)
+    k = render / size  # render pixels per scene pixel
     for t in range(frames):
         x, y = start[0] + ux * speed * t, start[1] + uy * speed * t
-        cover = coverage(shape, x, y, r, size, size)
-        for k, opacity in enumerate(TRAIL, 1):
-            back = 0.6 * r * k
-            cover = np.maximum(cover, opacity * coverage(shape, x - ux * back, y - uy * back, r, size, size))
+        cover = coverage(shape, k * x, k * y, k * r, render, render)
+        for n, opacity in enumerate(TRAIL, 1):
+            back = 0.6 * r * n
+            cover = np.maximum(cover, opacity * coverage(shape, k * (x - ux * back), k * (y - uy * back), k * r,
+                                                         render, render))
         video[t] = np.round(background + cover[..., None] * (ink - background))
     return video
 
 
-def sample(index, seed=0, frames=8, size=64):
+def sample(index, seed=0, frames=8, size=64, render=None):
     """(video, caption) number `index`. Indices 0-47 show every combination once, in an order drawn
-    from the seed, and so do 48-95 and each later block of 48; so even a few samples vary."""
+    from the seed, and so do 48-95 and each later block of 48; so even a few samples vary. `render`:
+    the same video drawn with that many pixels a side (see make_video)."""
     block, position = divmod(index, len(COMBINATIONS))
     order = np.random.default_rng([seed, block]).permutation(len(COMBINATIONS))
     colour, shape, direction = COMBINATIONS[order[position]]
     video_seed = np.random.SeedSequence([seed, index]).generate_state(1)[0]
-    return make_video(colour, shape, direction, frames, size, video_seed), caption(colour, shape, direction)
+    return make_video(colour, shape, direction, frames, size, video_seed, render), caption(colour, shape, direction)
 
 
 def sample_frame(index, seed=0, size=64):
@@ -139,6 +147,7 @@ def write_webvid(folder, count, seed=0, frames=8, size=64, fps=FPS):
 PALETTE = np.array([BACKGROUND] + list(COLOURS.values()), np.float32)  # 0 = background
 NEAR_BACKGROUND = 64  # closer than this to the background: background (every colour is ~220 away)
 MAX_DISTANCE = 128  # further than this from its nearest colour: no colour (noise, other hues)
+STRAY_LEVEL = 16  # a tint this far from the mid-grey background is plain to see (the trail's faintest copy: 15)
 
 
 def label_pixels(video):
@@ -213,6 +222,26 @@ def track(video, min_area=None):
     return [sorted(objects, key=lambda o: -o["area"]) for objects in found]
 
 
+def stray_blobs(video, colour, min_area=None):
+    """Per frame, how many stray blobs a viewer sees beside the object of `colour`: 4-connected groups
+    of at least `min_area` pixels (track's default) that differ from the background by STRAY_LEVEL or
+    more in a way the object cannot explain. The object, its trail, its anti-aliased edges and any
+    blur of them lie between the background and the colour (background + a * (colour - background),
+    0 <= a, to within STRAY_LEVEL); other hues, and the colour's opposite (a < 0: a complementary
+    smudge or halo), do not. The tracker's colour labels miss such tints, which stay nearer the
+    background than NEAR_BACKGROUND; a drawn video has none."""
+    video = np.asarray(video)
+    min_area = max(4, video.shape[1] * video.shape[2] // 256) if min_area is None else min_area
+    background = np.array(BACKGROUND, np.float64)
+    ink = np.array(COLOURS[colour], np.float64) - background
+    offset = video.astype(np.float64) - background
+    a = (offset @ ink) / (ink @ ink)  # how far along the way to the colour
+    unexplained = np.linalg.norm(offset - a[..., None] * ink, axis=-1) >= STRAY_LEVEL
+    stray = (np.linalg.norm(offset, axis=-1) >= STRAY_LEVEL) & ((a < 0) | unexplained)
+    ids = components(stray.astype(np.int64))
+    return [int((np.bincount(frame.ravel())[1:] >= min_area).sum()) for frame in ids]
+
+
 def direction_of(displacement, min_motion):
     """The caption word for a centroid displacement (dx, dy), or 'none' if it moved < min_motion."""
     dx, dy = displacement
@@ -250,6 +279,8 @@ def score(video, text, eps=0.5):
       smoothness       mean |step - mean step| / (|mean step| + eps) over the per-frame centroid steps
                        (vectors, in pixels; eps = 0.5 px): 0 = perfectly steady motion, 1 = jitter
                        as large as the motion itself
+      stray_fraction   fraction of frames with a stray blob beside the object (`stray_blobs`): a
+                       smudge or halo of another hue, which the colour labels above do not see
     plus direction/colour/shape: what was found (strings)."""
     colour, shape, direction = parse_caption(text)
     video = np.asarray(video)
@@ -272,6 +303,7 @@ def score(video, text, eps=0.5):
             "shape_correct": float(first["shape"] == shape),
             "present_fraction": float(np.mean([len(frame) == 1 for frame in mine])),
             "area_variation": area_variation, "smoothness": smoothness,
+            "stray_fraction": float(np.mean([n > 0 for n in stray_blobs(video, colour)])),
             "direction": found, "colour": first["colour"], "shape": first["shape"]}
 
 

@@ -189,3 +189,59 @@ def test_webvid_folder_round_trips_through_data(tmp_path):
     assert tuple(clip.shape) == (8, 3, 64, 64) and text in {t for _, t in items}
     with pytest.raises(ValueError, match="even"):
         shapes.write_webvid(str(tmp_path / "odd"), 1, size=63)
+
+
+def ink_centre(frame):
+    """Centre (x, y) of a frame's pixels weighted by their distance from the background."""
+    weight = np.abs(frame.astype(np.float64) - shapes.BACKGROUND).sum(-1)
+    y, x = np.mgrid[:frame.shape[0], :frame.shape[1]]
+    return (x * weight).sum() / weight.sum(), (y * weight).sum() / weight.sum()
+
+
+def test_the_same_scene_renders_at_any_size():
+    """A clip and its x4 render show one scene: the render, averaged over 4x4 blocks, is the clip up to
+    anti-aliasing at the edges; the centroid scales with the frame; the tracker reads the same caption."""
+    for i in range(12):
+        clip, text = shapes.sample(i, seed=2, frames=4, size=32)
+        assert np.array_equal(clip, shapes.sample(i, seed=2, frames=4, size=32, render=32)[0])
+        truth, same = shapes.sample(i, seed=2, frames=4, size=32, render=128)
+        assert same == text and truth.shape == (4, 128, 128, 3)
+        down = truth.reshape(4, 32, 4, 32, 4, 3).astype(np.float64).mean(axis=(2, 4))
+        # edge pixels only: measured <= 0.46 mean here; an unscaled trail gives 1.46, an unscaled radius 0.68
+        assert np.abs(down - clip).mean() < 0.6 and np.abs(down - clip).max() < 40
+        for t in range(4):  # the ink-weighted centre (shape and trail) scales with the frame
+            (x, y), (bx, by) = ink_centre(clip[t]), ink_centre(truth[t])
+            assert abs(bx - (4 * x + 1.5)) < 0.8 and abs(by - (4 * y + 1.5)) < 0.8  # measured <= 0.60 (mutants: 0.99, 3.8)
+        result = shapes.score(truth, text)
+        assert (result["colour_correct"], result["shape_correct"], result["motion_correct"]) == (1.0, 1.0, 1.0), text
+    # another scene is another picture at any size
+    assert not np.array_equal(shapes.sample(0, seed=2, size=32, render=128)[0], shapes.sample(0, seed=3, size=32, render=128)[0])
+
+
+def test_stray_blobs_count_what_a_viewer_sees_beside_the_object():
+    """Ground truth: drawn videos (with their trails, at 32 and 128 pixels) have no stray blob; a faint
+    smudge of the colour's opposite (as the demo's 'a blue square moving up' --seed 3 shows), a faint
+    patch of another hue and a second object of another colour each count once in every frame they
+    are in; a faint patch of the object's own colour (a trail-like tint) does not; specks below the
+    tracker's minimum area do not either."""
+    for i in range(48):
+        for render in (32, 128):
+            video, text = shapes.sample(i, seed=6, frames=4, size=32, render=render)
+            colour = shapes.parse_caption(text)[0]
+            assert shapes.stray_blobs(video, colour) == [0] * 4, (text, render)
+            assert shapes.score(video, text)["stray_fraction"] == 0.0
+    video = shapes.make_video("blue", "square", "up", frames=4, size=32, seed=1)
+    background = np.array(shapes.BACKGROUND, np.float64)
+    opposite = background - 0.1 * (np.array(shapes.COLOURS["blue"]) - background)  # (141, 141, 115): a yellow tint
+    cases = {"opposite smudge": (opposite, 1), "another hue": (background + (20, -20, 0), 1),
+             "a red object": (np.array(shapes.COLOURS["red"], np.float64), 1),
+             "its own colour, faint": (background + 0.12 * (np.array(shapes.COLOURS["blue"]) - background), 0),
+             "below the level": (background + (6, 6, -6), 0)}
+    for name, (colour, expected) in cases.items():
+        smudged = video.copy()
+        smudged[1:3, 2:5, 26:29] = np.round(colour).astype(np.uint8)  # 3x3 pixels in frames 1 and 2, away from the square
+        assert shapes.stray_blobs(smudged, "blue") == [0, expected, expected, 0], name
+        assert shapes.score(smudged, "a blue square moving up")["stray_fraction"] == expected / 2, name
+    speck = video.copy()
+    speck[:, 2:3, 26:29] = np.round(opposite).astype(np.uint8)  # 3 pixels: under the 4-pixel minimum at 32x32
+    assert shapes.stray_blobs(speck, "blue") == [0] * 4
