@@ -11,12 +11,14 @@ background than the tracker's NEAR_BACKGROUND, so it never counts as the object.
 grid of sub-pixel samples), so sub-pixel speeds move the centroid smoothly. `sample(i)` goes
 through all 48 combinations in each block of 48;
 `sample_frame(i)` is a single frame with its video's caption, for the image-model stage;
-`write_webvid` writes a WebVid-style folder (CSV + mp4) for data.find_videos.
+`write_webvid` writes a WebVid-style folder (CSV + mp4) for data.find_videos. `render=` draws the
+same scene with more pixels: a 32x32 clip's exact 128x128 truth, for super-resolution.
 
 The tracker (numpy only) gives each pixel far from the background its nearest palette colour,
 groups same-colour pixels into 4-connected components, drops components smaller than 1/256 of the
 frame, and names a component's shape by the ideal circle, square or triangle of the same area and
-centroid that overlaps it best. `score` compares what it finds with a caption; `summarise` averages;
+centroid that overlaps it best. `stray_blobs` counts what the colour labels miss: faint blobs of
+another hue beside the object. `score` compares what it finds with a caption; `summarise` averages;
 `direction_from_trail` reads the way a single frame's shape moves from its trail.
 Image coordinates: x grows to the right, y grows downwards, so "up" means y decreases.
 """
