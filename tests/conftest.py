@@ -67,6 +67,14 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours - ref).norm() / ref.norm()).item()
 
 
+def check_parity(label, ours, expected, *keys, tolerance=1e-4):
+    """For each key, rel_err(ours[key], expected[key]) printed (pytest -s shows it) and within `tolerance`."""
+    for key in keys:
+        err = rel_err(ours[key], expected[key])
+        print(f"\n{label} {key} rel_err {err:.1e}")
+        assert err <= tolerance, f"{label} {key}: rel_err {err:.2e} > {tolerance}"
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One thread for a whole module (use with pytestmark = pytest.mark.usefixtures("one_thread")), as

@@ -19,7 +19,7 @@ import clip_text
 import simda
 import unet as unet_module
 import vae as vae_module
-from conftest import rel_err, write_random_sd
+from conftest import check_parity, rel_err, write_random_sd
 from reference import diffusers_unet, diffusers_vae, save_diffusers_folder, transformers_clip
 
 pytestmark = pytest.mark.slow
@@ -114,19 +114,15 @@ def test_full_size_configs_inferred(ours):
 
 
 def test_full_size_text_encoder_matches_transformers(ours, expected):
-    print(f"\nSD-1.5 text encoder rel_err {rel_err(ours['context'], expected['context']):.1e}")
-    assert rel_err(ours["context"], expected["context"]) <= 1e-4
+    check_parity("SD-1.5 text encoder", ours, expected, "context")
 
 
 def test_full_size_vae_matches_diffusers(ours, expected):
-    for name in ("mean", "logvar", "decoded"):
-        print(f"\nSD-1.5 VAE {name} rel_err {rel_err(ours[name], expected[name]):.1e}")
-        assert rel_err(ours[name], expected[name]) <= 1e-4, name
+    check_parity("SD-1.5 VAE", ours, expected, "mean", "logvar", "decoded")
 
 
 def test_full_size_unet_matches_diffusers(ours, expected):
-    print(f"\nSD-1.5 UNet rel_err {rel_err(ours['eps'], expected['eps']):.1e}")
-    assert rel_err(ours["eps"], expected["eps"]) <= 1e-4
+    check_parity("SD-1.5 UNet", ours, expected, "eps")
 
 
 def test_full_size_diffusers_folder_loads_the_same_model(inputs, expected, diffusers_folder):

@@ -27,7 +27,7 @@ import simda
 import unet as unet_module
 import vae as vae_module
 from checkpoint import OPEN_CLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
-from conftest import rel_err, write_random_sd
+from conftest import check_parity, rel_err, write_random_sd
 from reference import diffusers_unet, diffusers_vae, save_diffusers_folder, sd_ddim_scheduler, transformers_clip
 from video import batch_to_frames, frames_to_batch
 
@@ -38,7 +38,6 @@ PROMPTS = ["a dog surfing", "a red circle moving right, oil painting, 4k"]
 PROMPT, NEGATIVE = "a corgi running on the beach, golden hour", "blurry, low quality"
 TOKENIZED = PROMPTS + [PROMPT, NEGATIVE, ""]
 STEPS, GUIDANCE = 4, 7.5
-TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -194,25 +193,20 @@ def test_sd21_tokenizer_matches_transformers(ours, expected):
 
 
 def test_sd21_text_encoder_matches_transformers(ours, expected):
-    print(f"\nSD-2.1 text encoder rel_err {rel_err(ours['context'], expected['context']):.1e}")
-    assert rel_err(ours["context"], expected["context"]) <= TOLERANCE
+    check_parity("SD-2.1 text encoder", ours, expected, "context")
 
 
 def test_sd21_vae_matches_diffusers(ours, expected):
-    for name in ("mean", "logvar", "decoded"):
-        print(f"\nSD-2.1 VAE {name} rel_err {rel_err(ours[name], expected[name]):.1e}")
-        assert rel_err(ours[name], expected[name]) <= TOLERANCE, name
+    check_parity("SD-2.1 VAE", ours, expected, "mean", "logvar", "decoded")
 
 
 def test_sd21_unet_matches_diffusers(ours, expected):
-    print(f"\nSD-2.1 UNet rel_err {rel_err(ours['eps'], expected['eps']):.1e}")
-    assert rel_err(ours["eps"], expected["eps"]) <= TOLERANCE
+    check_parity("SD-2.1 UNet", ours, expected, "eps")
 
 
 def test_sd21_v_sampling_matches_diffusers_pipeline(ours, expected):
     """4 DDIM steps of v-prediction with classifier-free guidance 7.5, from the same starting latents."""
-    print(f"\nSD-2.1 {STEPS}-step guided v sampling rel_err {rel_err(ours['sampled'], expected['sampled']):.1e}")
-    assert rel_err(ours["sampled"], expected["sampled"]) <= TOLERANCE
+    check_parity(f"SD-2.1 {STEPS}-step guided v sampling", ours, expected, "sampled")
 
 
 def test_sd21_diffusers_folder_loads_the_same_model(inputs, ours, references):

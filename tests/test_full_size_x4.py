@@ -33,7 +33,7 @@ import unet as unet_module
 import vae as vae_module
 from checkpoint import (DDPM_BUFFERS, LOW_SCALE_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, X4,
                         ldm_state_dict)
-from conftest import perturb_, rel_err
+from conftest import check_parity, perturb_, rel_err
 from reference import diffusers_unet, diffusers_vae, save_diffusers_folder, transformers_clip
 from video import batch_to_frames, frames_to_batch
 
@@ -54,7 +54,6 @@ PROMPT, NEGATIVE = "a corgi running on the beach, golden hour", "blurry, low qua
 TOKENIZED = PROMPTS + [PROMPT, NEGATIVE, ""]
 STEPS, GUIDANCE, NOISE_LEVEL = 4, 9.0, 20
 AUGMENTATION_SEED = 3  # the low-res image's noise: diffusers draws it first from its generator
-TOLERANCE = 1e-4
 
 
 def ldm_schedule_buffers(prefix, names, timesteps=1000):
@@ -274,28 +273,23 @@ def test_x4_tokenizer_matches_transformers(ours, expected):
 
 
 def test_x4_text_encoder_matches_transformers(ours, expected):
-    print(f"\nx4 text encoder rel_err {rel_err(ours['context'], expected['context']):.1e}")
-    assert rel_err(ours["context"], expected["context"]) <= TOLERANCE
+    check_parity("x4 text encoder", ours, expected, "context")
 
 
 def test_x4_vae_matches_diffusers(ours, expected):
-    for name in ("mean", "logvar", "decoded"):
-        print(f"\nx4 VAE {name} rel_err {rel_err(ours[name], expected[name]):.1e}")
-        assert rel_err(ours[name], expected[name]) <= TOLERANCE, name
+    check_parity("x4 VAE", ours, expected, "mean", "logvar", "decoded")
 
 
 def test_x4_unet_with_noise_levels_matches_diffusers(ours, expected):
     """2 frames of 16x16 latents (plus the 3 low-res channels), class labels 20 and 300."""
-    print(f"\nx4 UNet rel_err {rel_err(ours['out'], expected['out']):.1e}")
-    assert rel_err(ours["out"], expected["out"]) <= TOLERANCE
+    check_parity("x4 UNet", ours, expected, "out")
 
 
 def test_x4_upscale_matches_diffusers_pipeline(ours, expected):
     """4 DDIM steps of v-prediction with guidance 9 and a negative prompt, from the same starting latents
     and augmentation noise (level 20), 32x32 -> 128x128, decoded by each side's VAE."""
     assert ours["upscaled"].shape == (1, 3, 1, 128, 128)
-    print(f"\nx4 {STEPS}-step guided upscale rel_err {rel_err(ours['upscaled'], expected['upscaled']):.1e}")
-    assert rel_err(ours["upscaled"], expected["upscaled"]) <= TOLERANCE
+    check_parity(f"x4 {STEPS}-step guided upscale", ours, expected, "upscaled")
 
 
 def test_x4_diffusers_folder_loads_the_same_model(inputs, ours, references):
