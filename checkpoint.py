@@ -76,7 +76,6 @@ SD2 = Family("SD 2.x", OPEN_CLIP_PREFIX, unet_heads=-1, unet_head_channels=64, u
 X4 = Family("SD x4 upscaler", OPEN_CLIP_PREFIX, unet_heads=8, unet_head_channels=-1, upcast_attention=True,
             text_head_width=64, hidden_act="gelu", pad_id=clip_text.OPEN_CLIP_PAD, predictions="v",
             latent_scale=0.08333, betas=(0.0001, 0.02))
-X4_LABEL_KEY = UNET_PREFIX + "label_emb.weight"  # only the upscaler's UNet has a class embedding
 LOW_SCALE_PREFIX = "low_scale_model."  # the upscaler's noise-augmentation schedule buffers, recomputed by us
 
 
@@ -202,7 +201,7 @@ def family_of(keys, where):
                               "SDXL is not supported (SD 1.x and 2.x only)")
     for family in (SD1, SD2):
         if any(k.startswith(family.text_prefix) for k in keys):
-            return X4 if family is SD2 and X4_LABEL_KEY in keys else family
+            return family
     raise CheckpointError(f"{where} is not a Stable Diffusion checkpoint: it has no text encoder under "
                           f"'{TEXT_PREFIX}*' (SD 1.x) or '{OPEN_CLIP_PREFIX}*' (SD 2.x) (first keys: {sorted(keys)[:5]})")
 
@@ -324,8 +323,6 @@ def load_models(path, device="cpu", dtype=torch.float32, simda_config=None, pred
         if family is None:
             width = text_sd.get("embeddings.token_embedding.weight", torch.zeros(0, 0)).shape[1]
             family = SD2 if width == 1024 else SD1
-        if family is SD2 and "label_emb.weight" in unet_sd:
-            family = X4
         if os.path.exists(os.path.join(path, "tokenizer", "vocab.json")):
             vocab_dir = os.path.join(path, "tokenizer")
         if os.path.exists(scheduler := os.path.join(path, "scheduler", "scheduler_config.json")):
@@ -340,6 +337,8 @@ def load_models(path, device="cpu", dtype=torch.float32, simda_config=None, pred
     for name, sd in (("VAE", vae_sd), ("text encoder", text_sd)):
         if not sd:
             raise CheckpointError(f"{path} holds no {name} weights")
+    if family is SD2 and "label_emb.weight" in unet_sd:  # only the upscaler's UNet has a class embedding
+        family = X4
     if upscaler and family is not X4:
         raise CheckpointError(f"{path} is an {family.name} text-to-image checkpoint, not SD's x4 upscaler "
                               f"(x4-upscaler-ema.safetensors): pass it as --ckpt, and the upscaler as --sr-ckpt")

@@ -114,10 +114,10 @@ def from_open_clip(sd):
     return out
 
 
-def to_open_clip(sd, unused=None):
+def to_open_clip(sd):
     """Ours -> OpenCLIP text-tower keys, as SD 2.x files hold them: our layers, then the last layer that
-    SD never runs, with `text_projection` and `logit_scale`. `unused` gives those tensors by their
-    OpenCLIP names; by default they are zeros (they do not change what SD computes)."""
+    SD never runs, with `text_projection` and `logit_scale`, as zeros (they do not change what SD
+    computes)."""
     back = {ours: theirs for theirs, ours in OPEN_CLIP_OTHER.items()}
     layer_back = {ours: theirs for theirs, ours in OPEN_CLIP_LAYER.items()}
     out, layers = {}, 0
@@ -134,12 +134,9 @@ def to_open_clip(sd, unused=None):
         elif module not in ("self_attn.k_proj", "self_attn.v_proj"):
             out[f"{prefix}{layer_back[module]}.{kind}"] = value
     width = sd["embeddings.token_embedding.weight"].shape[1]
-    template = {k.replace(f"resblocks.{layers - 1}.", f"resblocks.{layers}."): v for k, v in out.items()
-                if k.startswith(f"transformer.resblocks.{layers - 1}.")}
-    template.update(text_projection=torch.zeros(width, width), logit_scale=torch.zeros(()))
-    for key, value in template.items():
-        out[key] = (unused or {}).get(key, torch.zeros_like(value))
-    return out
+    unused = {k.replace(f"resblocks.{layers - 1}.", f"resblocks.{layers}."): torch.zeros_like(v) for k, v in out.items()
+              if k.startswith(f"transformer.resblocks.{layers - 1}.")}
+    return {**out, **unused, "text_projection": torch.zeros(width, width), "logit_scale": torch.zeros(())}
 
 
 # ----------------------------------------------------------------------------- tokenizer
