@@ -141,6 +141,11 @@ def safetensors_header(path):
                               f"torch state dict): {type(e).__name__}: {e}") from e
 
 
+# safetensors metadata: the UNet levels whose attn1 attends to the text ("1,2"), which the shapes cannot
+# tell where the text is as wide as the level (the demo upscaler's level 1)
+TEXT_ONLY_LEVELS_KEY = "disable_self_attentions"
+
+
 def read_checkpoint(path):
     """(state dict, facts) of a .safetensors file or a (weights-only) torch pickle: a flat {key: tensor}
     dict, and what the file says about itself: {"metadata": the safetensors header's metadata,
@@ -354,8 +359,10 @@ def load_models(path, device="cpu", dtype=torch.float32, simda_config=None, pred
         raise CheckpointError(f"{path}: its {family.name} text encoder is {text_encoder.config.width} wide, but the UNet "
                               f"attends to {context.shape[1]}-wide text states: the two are not one model "
                               f"(a UNet of another SD version?)")
+    stated = (facts.get("metadata") or {}).get(TEXT_ONLY_LEVELS_KEY)  # train_image.py writes it
     unet = build(unet_module.UNet, lambda sd: unet_module.config_from_state_dict(
-        sd, family.unet_heads, family.unet_head_channels, family.upcast_attention),
+        sd, family.unet_heads, family.unet_head_channels, family.upcast_attention,
+        [int(level) for level in stated.split(",") if level] if stated else None),
         unet_sd, "UNet", path, device, dtype, simda_config=simda_config)
     vae = build(vae_module.AutoencoderKL, vae_module.config_from_state_dict, vae_sd, "VAE", path, device, dtype)
     models = [m.eval().requires_grad_(False) for m in (text_encoder, vae, unet)]

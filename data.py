@@ -256,18 +256,20 @@ def cache_latents(vae, dataset, seed, rank, world, device):
 class ShapesDataset:
     """train.py's data for `--data shapes`: an endless stream of fresh videos of the moving-shapes
     world (shapes.py), drawn from (seed, global sample index), so nothing is read from disk and no
-    video is seen twice. It has Dataset's interface; nothing is ever skipped."""
+    video is seen twice. It has Dataset's interface; nothing is ever skipped. `render`: draw the
+    `size`-pixel scenes with that many pixels (the upscaler's high-res truth; see shapes.make_video)."""
 
-    def __init__(self, frames, size, seed=0, caption_dropout=0.1):
+    def __init__(self, frames, size, seed=0, caption_dropout=0.1, render=None):
         self.frames, self.size, self.seed, self.caption_dropout = frames, size, seed, caption_dropout
+        self.render = render or size
         self.bad = set()
 
     def __len__(self):
         return len(shapes.COMBINATIONS)  # the distinct captions; videos are never reused
 
     def sample(self, g, cache=None):
-        video, text = shapes.sample(g, self.seed, self.frames, self.size)
-        clip = resize_crop(torch.from_numpy(video).permute(0, 3, 1, 2).float(), self.size, self.size)
+        video, text = shapes.sample(g, self.seed, self.frames, self.size, self.render)
+        clip = resize_crop(torch.from_numpy(video).permute(0, 3, 1, 2).float(), self.render, self.render)
         drop = random.Random(sample_seed(self.seed, "caption", g)).random() < self.caption_dropout
         return clip, "" if drop else text
 

@@ -23,7 +23,7 @@ import simda
 from checkpoint import CheckpointError, save_safetensors
 from runtime import pick_device, pick_dtype
 from video import (DEFAULT_FPS, DEFAULT_FRAMES, DEFAULT_SIZE, check_output, check_shape, output_paths, resolve_shape,
-                   save_grid, save_video, stack_clips, to_uint8)
+                   save_grid, save_video, stack_clips, to_frames, to_uint8)
 
 
 def read_prompts(args):
@@ -77,6 +77,11 @@ def edit_latents(args, pipe, meta, frames, height, width):
     return latents
 
 
+SR_DEFAULTS = (75, 9.0)  # --sr-steps, --sr-guidance: diffusers' StableDiffusionUpscalePipeline's
+# the demo upscaler's: it is best without guidance (README: "The demo's second stage")
+DEMO_SR_DEFAULTS = (20, 1.0)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="Sample videos from SD 1.x/2.x + SimDA adapters, or edit a clip (one-shot).")
     add = p.add_argument
@@ -119,11 +124,15 @@ def build_parser():
     stage.add_argument("--upscale-video", metavar="CLIP", help="upscale this video x4 instead of sampling one (read at "
                                                                "--size/--frames/--stride; the prompt describes it)")
     sr.add_argument("--sr-ckpt", metavar="PATH", help=f"x4 upscaler checkpoint (default: $SIMDA_SR_CKPT, else "
-                                                      f"{simda.DEFAULT_SR_CHECKPOINT})")
+                                                      f"{simda.DEFAULT_SR_CHECKPOINT}, else, when stage one is the "
+                                                      f"demo model or the clip is given, the demo's upscaler and its "
+                                                      f"adapters)")
     sr.add_argument("--sr-adapters", metavar="PATH", help="SimDA adapters for the upscaler, from train.py --stage sr "
                                                           "(default: none, the image upscaler frame by frame)")
-    sr.add_argument("--sr-steps", type=int, default=75, help="DDIM steps of the upscaler (default: %(default)s)")
-    sr.add_argument("--sr-guidance", type=float, default=9.0, help="guidance of the upscaler (default: %(default)s)")
+    sr.add_argument("--sr-steps", type=int, help=f"DDIM steps of the upscaler (default: {SR_DEFAULTS[0]}; the "
+                                                 f"demo's: {DEMO_SR_DEFAULTS[0]})")
+    sr.add_argument("--sr-guidance", type=float, help=f"guidance of the upscaler (default: {SR_DEFAULTS[1]}; the "
+                                                      f"demo's: {DEMO_SR_DEFAULTS[1]})")
     sr.add_argument("--frame-chunk", type=int, default=0, help="run the upscaler UNet's per-frame layers on this many "
                                                                "frames at a time: less memory, the same result "
                                                                "(default: 0, all at once)")
@@ -149,6 +158,22 @@ def pick_models(args):
     return simda.DEMO_CHECKPOINT, args.adapters or simda.DEMO_ADAPTERS
 
 
+def pick_upscaler(args, demo_stage_one):
+    """(checkpoint, adapters) of the upscaler: --sr-ckpt, else the one simda.default_checkpoint finds,
+    else, when stage one is the demo model (or --upscale-video names the clip), the demo's upscaler and
+    its video adapters, with a notice. A $SIMDA_SR_CKPT that points nowhere stays an error."""
+    if args.sr_ckpt:
+        return args.sr_ckpt, args.sr_adapters
+    try:
+        return simda.default_checkpoint(upscaler=True), args.sr_adapters
+    except CheckpointError:
+        if os.environ.get("SIMDA_SR_CKPT") or not demo_stage_one or not os.path.exists(simda.DEMO_UPSCALER):
+            raise
+    print(f"no upscaler weights found: using the built-in demo upscaler (moving shapes, 32x32 -> 128x128); for "
+          f"SD's x4 upscaler put {simda.DEFAULT_SR_CHECKPOINT} in place, or pass --sr-ckpt", file=sys.stderr)
+    return simda.DEMO_UPSCALER, args.sr_adapters or simda.DEMO_SR_ADAPTERS
+
+
 def run(args):
     prompts = read_prompts(args)
     for flag, steps in (("--steps", args.steps), ("--sr-steps", args.sr_steps), ("--inversion-steps", args.inversion_steps)):
@@ -168,17 +193,26 @@ def run(args):
     if args.upscale_video is not None and (args.edit or args.inverted):
         raise ValueError("--upscale-video upscales a given clip, --edit/--inverted sample one: use one or the other")
     given = lambda *names: [f"--{n.replace('_', '-')}" for n in names if getattr(args, n)]  # noqa: E731
-    if not upscaling and given("sr_ckpt", "sr_adapters", "frame_chunk"):
-        raise ValueError(f"{', '.join(given('sr_ckpt', 'sr_adapters', 'frame_chunk'))} set the upscaler: add --upscale "
+    sr_flags = given("sr_ckpt", "sr_adapters", "sr_steps", "sr_guidance", "frame_chunk")
+    if not upscaling and sr_flags:
+        raise ValueError(f"{', '.join(sr_flags)} set the upscaler: add --upscale "
                          f"(or --upscale-video CLIP)")
     if args.upscale_video is not None and given("ckpt", "adapters", "prediction"):
         raise ValueError(f"--upscale-video runs the upscaler alone: {', '.join(given('ckpt', 'adapters', 'prediction'))} "
                          f"would not be used (the upscaler's are --sr-ckpt, --sr-adapters)")
-    sr_ckpt = (args.sr_ckpt or simda.default_checkpoint(upscaler=True)) if upscaling else None
     if args.upscale_video is not None and not os.path.isfile(args.upscale_video):
         raise ValueError(f"--upscale-video {args.upscale_video} does not exist")
     ckpt, adapters = pick_models(args) if args.upscale_video is None else (None, None)
+    demo = lambda path, demo_path: path is not None and os.path.abspath(path) == demo_path  # noqa: E731
+    sr_ckpt, sr_adapters = pick_upscaler(args, ckpt is None or demo(ckpt, simda.DEMO_CHECKPOINT)) if upscaling \
+        else (None, None)
+    sr_steps, sr_guidance = (value if value is not None else default for value, default in zip(
+        (args.sr_steps, args.sr_guidance), DEMO_SR_DEFAULTS if demo(sr_ckpt, simda.DEMO_UPSCALER) else SR_DEFAULTS))
     meta = simda.read_adapters(adapters)[1] if adapters else {}
+    if args.upscale_video is not None and sr_adapters:  # the clip's default shape: what the adapters were trained on
+        sr_meta = simda.read_adapters(sr_adapters)[1]
+        meta = {k: sr_meta[k] // simda.UPSCALE for k in ("height", "width") if k in sr_meta}
+        meta.update({k: sr_meta[k] for k in ("frames", "fps") if k in sr_meta})
     if args.inverted:  # the inverted latents fix the shape; their metadata is what --edit used
         shape = read_inverted(args.inverted)[1]
         meta = {**meta, **{k: shape[k] for k in ("frames", "height", "width") if k in shape}}
@@ -199,9 +233,9 @@ def run(args):
         check_shape(frames, height, width, pipe.vae.config.downsample_factor)
     if sr_ckpt is not None:
         print(f"loading the upscaler {sr_ckpt}", file=sys.stderr)
-        upscaler = simda.load_upscaler(sr_ckpt, device, dtype, adapters=args.sr_adapters)
+        upscaler = simda.load_upscaler(sr_ckpt, device, dtype, adapters=sr_adapters)
         upscaler.unet.frame_chunk = args.frame_chunk
-        if not args.sr_adapters:
+        if not sr_adapters:
             print("no --sr-adapters: the image upscaler works on every frame on its own", file=sys.stderr)
     latents = edit_latents(args, pipe, meta, frames, height, width) if args.edit or args.inverted else None
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -219,11 +253,11 @@ def run(args):
                 stem, ext = os.path.splitext(path)
                 save_video(video, f"{stem}-lowres{ext}", fps)
             print(f"{prompt!r}: upscaling {frames} frames of {width}x{height} to {4 * width}x{4 * height}, "
-                  f"{args.sr_steps} steps, guidance {args.sr_guidance}, noise level {args.noise_level}", file=sys.stderr)
+                  f"{sr_steps} steps, guidance {sr_guidance}, noise level {args.noise_level}", file=sys.stderr)
             low_res = video.permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # f H W 3 -> 1 3 f H W, in [-1, 1]
-            high = upscaler.upscale(low_res, [prompt], args.sr_steps, args.sr_guidance, args.noise_level,
+            high = upscaler.upscale(low_res, [prompt], sr_steps, sr_guidance, args.noise_level,
                                     args.negative, args.eta, args.seed)
-            video = to_uint8(high)[0].cpu().permute(1, 2, 3, 0)  # 3 f H W -> f H W 3
+            video = to_frames(high)[0]
         save_video(video, path, fps)
         if args.grid:
             save_grid(video, os.path.splitext(path)[0] + ".png")

@@ -57,16 +57,23 @@ def parse_caption(text):
 
 def coverage(shape, cx, cy, r, width, height):
     """Fraction [height, width] of each pixel covered by the shape of half-width r centred at (cx, cy);
-    pixel (x, y) spans [x, x + 1) x [y, y + 1)."""
-    dx = (np.arange(width * SUPERSAMPLE) + 0.5)[None, :] / SUPERSAMPLE - cx  # sub-pixel sample positions
-    dy = (np.arange(height * SUPERSAMPLE) + 0.5)[:, None] / SUPERSAMPLE - cy
+    pixel (x, y) spans [x, x + 1) x [y, y + 1). Only the pixels of the shape's bounding box are
+    sampled (the rest are 0), which keeps 128-pixel renders cheap."""
+    cover = np.zeros((height, width))
+    x0, x1 = max(int(np.floor(cx - r)) - 1, 0), min(int(np.ceil(cx + r)) + 1, width)
+    y0, y1 = max(int(np.floor(cy - r)) - 1, 0), min(int(np.ceil(cy + r)) + 1, height)
+    if x0 >= x1 or y0 >= y1:
+        return cover
+    dx = (np.arange(x0 * SUPERSAMPLE, x1 * SUPERSAMPLE) + 0.5)[None, :] / SUPERSAMPLE - cx  # sub-pixel samples
+    dy = (np.arange(y0 * SUPERSAMPLE, y1 * SUPERSAMPLE) + 0.5)[:, None] / SUPERSAMPLE - cy
     if shape == "circle":
         inside = dx ** 2 + dy ** 2 <= r ** 2
     elif shape == "square":
         inside = (np.abs(dx) <= r) & (np.abs(dy) <= r)
     else:  # triangle pointing up, apex (cx, cy - r), base from cx - r to cx + r at cy + r
         inside = (np.abs(dy) <= r) & (np.abs(dx) <= (dy + r) / 2)
-    return inside.reshape(height, SUPERSAMPLE, width, SUPERSAMPLE).mean(axis=(1, 3))
+    cover[y0:y1, x0:x1] = inside.reshape(y1 - y0, SUPERSAMPLE, x1 - x0, SUPERSAMPLE).mean(axis=(1, 3))
+    return cover
 
 
 def make_video(colour, shape, direction, frames=8, size=64, seed=0, render=None):
@@ -112,10 +119,11 @@ def sample(index, seed=0, frames=8, size=64, render=None):
     return make_video(colour, shape, direction, frames, size, video_seed, render), caption(colour, shape, direction)
 
 
-def sample_frame(index, seed=0, size=64):
-    """(frame uint8 [size, size, 3], caption): a one-frame video, so the shape may be anywhere in the
-    frame; it keeps its video's caption, motion words included, so the text encoder learns them."""
-    video, text = sample(index, seed, frames=1, size=size)
+def sample_frame(index, seed=0, size=64, render=None):
+    """(frame uint8 [render, render, 3], caption): a one-frame video, so the shape may be anywhere in the
+    frame; it keeps its video's caption, motion words included, so the text encoder learns them.
+    `render` (default `size`): see make_video."""
+    video, text = sample(index, seed, frames=1, size=size, render=render)
     return video[0], text
 
 
@@ -149,6 +157,8 @@ def write_webvid(folder, count, seed=0, frames=8, size=64, fps=FPS):
 PALETTE = np.array([BACKGROUND] + list(COLOURS.values()), np.float32)  # 0 = background
 NEAR_BACKGROUND = 64  # closer than this to the background: background (every colour is ~220 away)
 MAX_DISTANCE = 128  # further than this from its nearest colour: no colour (noise, other hues)
+FILL_SIDE = 24  # objects at least this many pixels across are named by their bounding-box fill (shape_of)
+IDEAL_FILL = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}
 STRAY_LEVEL = 16  # a tint this far from the mid-grey background is plain to see (the trail's faintest copy: 15)
 
 
@@ -184,9 +194,16 @@ def components(labels):
 
 
 def shape_of(x, y):
-    """The shape whose ideal drawing best overlaps (intersection over union) the component with pixels
-    (x, y), each drawn with the component's area and centroid: robust down to a few pixels across,
-    where pixelation blurs the simpler bounding-box fill ratio (square 1, circle pi/4, triangle 1/2)."""
+    """The shape of the component with pixels (x, y). Under FILL_SIDE pixels across: the shape whose ideal
+    drawing best overlaps it (intersection over union), each drawn with the component's area and
+    centroid, which is robust down to a few pixels, where pixelation blurs the bounding-box fill
+    (drawn circles fill 0.69 to 0.94 of their box at 32x32). From FILL_SIDE up, the fill decides, as
+    it does for a viewer: the shape whose ideal fill (square 1, circle pi/4, triangle 1/2) is nearest
+    (drawn shapes at 128x128: squares >= 0.995, circles 0.74 to 0.81, triangles 0.50 to 0.55), so a
+    square with rounded corners (0.8) is no square, although it overlaps an ideal square well."""
+    if min(x.max() - x.min(), y.max() - y.min()) + 1 >= FILL_SIDE:
+        fill = len(x) / ((x.max() - x.min() + 1) * (y.max() - y.min() + 1))
+        return min(IDEAL_FILL, key=lambda shape: abs(IDEAL_FILL[shape] - fill))
     x0, y0 = x.min() - 2, y.min() - 2
     mask = np.zeros((y.max() - y0 + 3, x.max() - x0 + 3))
     mask[y - y0, x - x0] = 1
@@ -283,6 +300,11 @@ def score(video, text, eps=0.5):
                        as large as the motion itself
       stray_fraction   fraction of frames with a stray blob beside the object (`stray_blobs`): a
                        smudge or halo of another hue, which the colour labels above do not see
+      clean_fraction   fraction of frames that show the one object and nothing else: no second
+                       object of any colour, no stray blob (what a viewer looking at the whole
+                       frame checks)
+      colour_clean     1 if colour_correct and every frame is clean: the whole video shows an object
+                       of the prompted colour and nothing else
     plus direction/colour/shape: what was found (strings)."""
     colour, shape, direction = parse_caption(text)
     video = np.asarray(video)
@@ -301,11 +323,14 @@ def score(video, text, eps=0.5):
         smoothness = float(np.linalg.norm(steps - mean, axis=1).mean() / (np.linalg.norm(mean) + eps))
     if len(times):
         area_variation = float(areas.std() / areas.mean())
+    strays = stray_blobs(video, colour)
+    clean = [len(frame) == 1 and n == 0 for frame, n in zip(objects, strays)]
     return {"motion_correct": float(found == direction), "colour_correct": float(first["colour"] == colour),
             "shape_correct": float(first["shape"] == shape),
             "present_fraction": float(np.mean([len(frame) == 1 for frame in mine])),
             "area_variation": area_variation, "smoothness": smoothness,
-            "stray_fraction": float(np.mean([n > 0 for n in stray_blobs(video, colour)])),
+            "stray_fraction": float(np.mean([n > 0 for n in strays])), "clean_fraction": float(np.mean(clean)),
+            "colour_clean": float(first["colour"] == colour and all(clean)),
             "direction": found, "colour": first["colour"], "shape": first["shape"]}
 
 

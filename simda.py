@@ -29,7 +29,7 @@ from adapters import SimDAConfig, adapter_state_dict
 from checkpoint import CheckpointError, key_problems, load_models, save_safetensors
 from runtime import Progress
 from vae import LATENT_SCALE
-from video import DEFAULT_FRAMES, DEFAULT_SIZE, check_shape, to_uint8
+from video import DEFAULT_FRAMES, DEFAULT_SIZE, check_shape, to_frames
 
 DEFAULT_CHECKPOINT = os.path.join("checkpoints", "v1-5-pruned-emaonly.safetensors")
 DEFAULT_SR_CHECKPOINT = os.path.join("checkpoints", "x4-upscaler-ema.safetensors")
@@ -39,6 +39,11 @@ DEFAULT_SR_CHECKPOINT = os.path.join("checkpoints", "x4-upscaler-ema.safetensors
 MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 DEMO_CHECKPOINT = os.path.join(MODELS_DIR, "sd-shapes.safetensors")
 DEMO_ADAPTERS = os.path.join(MODELS_DIR, "simda-shapes.safetensors")
+# ... and its second stage: a tiny x4 upscaler (train_image.py --upscaler), its video adapters (train.py
+# --stage sr --data shapes); sample.py --upscale falls back to them too
+DEMO_UPSCALER = os.path.join(MODELS_DIR, "sr-shapes.safetensors")
+DEMO_SR_ADAPTERS = os.path.join(MODELS_DIR, "simda-sr-shapes.safetensors")
+UPSCALE = 4  # the upscaler's factor: [B, 3, F, H, W] -> [B, 3, F, 4H, 4W]
 MAX_NOISE_LEVEL = 350  # the x4 upscaler was trained with low-res noise levels 0..349 (x4-upscaling.yaml)
 
 
@@ -133,7 +138,7 @@ class Pipeline:
 
     def decode(self, latents):
         """Scaled latents [B, 4, F, h, w] -> uint8 frames [B, F, H, W, 3] on the CPU."""
-        return to_uint8(self.decode_pixels(latents)).cpu().permute(0, 2, 3, 4, 1)  # b 3 f H W -> b f H W 3
+        return to_frames(self.decode_pixels(latents))
 
     def start_latents(self, shape, generator, latents=None, what=""):
         """The starting noise [B, 4, F, h, w] on the pipeline's device: `latents` if given (checked against

@@ -5,6 +5,7 @@ one-shot tuning on a single clip for video editing (the paper's Sec. 3.4).
     python train.py --data shapes --out out/shapes      # the built-in demo world, on the demo model
     python train.py --video clip.mp4 --prompt "a jeep car is moving on the road" --steps 200 --out out/jeep
     python train.py --stage sr --data webvid_subset --size 256 --out out/sr   # the video upscaler (x4, on SD's)
+    python train.py --stage sr --data shapes --out out/shapes/sr               # the demo's, on its upscaler
     torchrun --nproc_per_node 4 train.py --data webvid_subset --batch-size 8 --out out/webvid
 
 Each step: encode the captions with the frozen CLIP text encoder and the clips with the frozen VAE
@@ -44,8 +45,8 @@ import vae as vae_module
 from adapters import adapter_state_dict, freeze_for_training, trainable_summary
 from checkpoint import CheckpointError, load_torch, remove_temporaries, save_torch, write_atomic
 from runtime import Progress, autocast_dtype, setup_distributed
-from video import (DEFAULT_FRAMES, DEFAULT_SIZE, batch_to_frames, check_shape, frames_to_batch, output_paths,
-                   resolve_shape, save_video, stack_clips)
+from video import (DEFAULT_FRAMES, DEFAULT_SIZE, check_shape, output_paths, resample, resolve_shape, save_video,
+                   stack_clips)
 
 
 def build_parser():
@@ -59,7 +60,8 @@ def build_parser():
     p.add_argument("--prompt", help="--video: the caption of the clip (stored in the adapters' metadata)")
     p.add_argument("--ckpt", metavar="PATH", help=f"SD 1.x or 2.x checkpoint (file or diffusers folder); default: $SIMDA_CKPT, "
                                                   f"else {simda.DEFAULT_CHECKPOINT}; with --data shapes, the demo "
-                                                  f"image model {simda.DEMO_CHECKPOINT}")
+                                                  f"image model {simda.DEMO_CHECKPOINT} (--stage sr: the demo "
+                                                  f"upscaler {simda.DEMO_UPSCALER})")
     p.add_argument("--stage", choices=["t2v", "sr"], default="t2v",
                    help="t2v: adapters on a text-to-image SD; sr: adapters on SD's x4 upscaler (--ckpt then names the "
                         f"upscaler; default $SIMDA_SR_CKPT, else {simda.DEFAULT_SR_CHECKPOINT}) (default: %(default)s)")
@@ -71,7 +73,8 @@ def build_parser():
     p.add_argument("--frames", type=int, help=f"frames per clip (default: {DEFAULT_FRAMES}; with --data shapes {shapes.FRAMES})")
     p.add_argument("--stride", type=int, default=4, help="take every stride-th frame of the video (default: %(default)s)")
     p.add_argument("--size", type=int, help=f"square frame size in pixels, a multiple of 8 (default: {DEFAULT_SIZE}; "
-                                            f"with --data shapes {shapes.SIZE})")
+                                            f"with --data shapes {shapes.SIZE}, with --stage sr too "
+                                            f"{shapes.SIZE * simda.UPSCALE}: scenes of {shapes.SIZE} drawn at 4x)")
     p.add_argument("--width", type=int, help=f"frame width, with --height instead of --size (default: {DEFAULT_SIZE})")
     p.add_argument("--height", type=int, help=f"frame height, with --width instead of --size (default: {DEFAULT_SIZE})")
     p.add_argument("--hflip", action="store_true", help="flip half of the clips horizontally")
@@ -112,16 +115,14 @@ def check_args(args):
     """The run's settings, checked before anything is loaded: a copy of `args` with the video shape resolved."""
     if args.video is not None and not args.prompt:
         raise ValueError("--video needs --prompt, the caption of the clip")
-    shapes_world = args.data == "shapes"
-    default = (shapes.FRAMES, shapes.SIZE, shapes.SIZE) if shapes_world else (DEFAULT_FRAMES, DEFAULT_SIZE, DEFAULT_SIZE)
+    shapes_world, sr = args.data == "shapes", args.stage == "sr"
+    size = shapes.SIZE * simda.UPSCALE if sr else shapes.SIZE  # sr: the high-res size, the demo's 32x32 times 4
+    default = (shapes.FRAMES, size, size) if shapes_world else (DEFAULT_FRAMES, DEFAULT_SIZE, DEFAULT_SIZE)
     frames, height, width = resolve_shape(args.frames, args.size, args.height, args.width, defaults=default)
     if shapes_world and height != width:
         raise ValueError(f"--data shapes makes square videos: use --size, not {width}x{height}")
     if shapes_world and args.hflip:
         raise ValueError("--hflip would mirror the shapes' motion but not their captions ('moving left'): drop it")
-    if args.stage == "sr" and shapes_world:
-        raise ValueError("--stage sr needs videos at the training size (--data DIR or --video); the shapes world "
-                         "has no upscaler to train on yet")
     if args.stage == "sr" and args.prediction not in (None, "v"):
         raise ValueError("--stage sr trains SD's x4 upscaler, which predicts v: drop --prediction")
     if args.stage == "sr" and (args.cache_latents or args.val_prompt):
@@ -150,8 +151,9 @@ def check_args(args):
 
 
 def make_dataset(args, rank):
-    if args.data == "shapes":
-        return data.ShapesDataset(args.frames, args.height, args.seed, args.caption_dropout)
+    if args.data == "shapes":  # sr: scenes of the low-res size, drawn at the training size (their exact truth)
+        size = args.height // simda.UPSCALE if args.stage == "sr" else args.height
+        return data.ShapesDataset(args.frames, size, args.seed, args.caption_dropout, render=args.height)
     # one-shot: always the same clip, from frame 0, which is what sample.py --edit inverts
     items = [(args.video, args.prompt)] if args.video else data.find_videos(args.data)
     return data.Dataset(items, args.frames, args.stride, args.height, args.width, args.seed, args.caption_dropout,
@@ -191,7 +193,8 @@ def build_run(args):
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     sr = args.stage == "sr"
-    ckpt = args.ckpt or (simda.DEMO_CHECKPOINT if args.data == "shapes" else simda.default_checkpoint(upscaler=sr))
+    demo = simda.DEMO_UPSCALER if sr else simda.DEMO_CHECKPOINT
+    ckpt = args.ckpt or (demo if args.data == "shapes" else simda.default_checkpoint(upscaler=sr))
     if not os.path.exists(ckpt):
         raise CheckpointError(f"checkpoint not found: {ckpt}")
     dataset = make_dataset(args, rank)
@@ -267,8 +270,7 @@ def make_inputs(pipe, batch, gs, seed, device, timestep_bias=0.0):
     x, levels = ddim.add_noise(latents, noise, t, pipe.alphas), None
     if pipe.is_upscaler:
         # x4-upscaling.yaml's training: the low-res image at a noise level drawn uniformly from 0..349
-        low_res = batch_to_frames(F.interpolate(frames_to_batch(stack_clips(clips).to(device)), scale_factor=0.25,
-                                                mode="bicubic", antialias=True), len(clips[0])).clamp(-1, 1)
+        low_res = resample(stack_clips(clips).to(device), 1 / simda.UPSCALE)
         gens = [data.generator(seed, "low-res", g) for g in gs]
         levels = torch.cat([torch.randint(0, simda.MAX_NOISE_LEVEL, (1,), generator=gen) for gen in gens]).to(device)
         low_noise = torch.stack([torch.randn(low_res.shape[1:], generator=gen) for gen in gens]).to(device)

@@ -348,10 +348,12 @@ class UNet(nn.Module):
         return batch_to_frames(self.out(h), frames)
 
 
-def config_from_state_dict(sd, num_heads=8, num_head_channels=-1, upcast_attention=False) -> UNetConfig:
+def config_from_state_dict(sd, num_heads=8, num_head_channels=-1, upcast_attention=False,
+                           text_only_levels=None) -> UNetConfig:
     """Infer the UNet's configuration from the shapes of its weights (keys without the checkpoint
     prefix); the heads and the attention precision, which no shape holds, are the model family's
-    (checkpoint.py)."""
+    (checkpoint.py). `text_only_levels`: the levels whose attn1 attends to the text, as the file states
+    them, for where the text is as wide as the level and the shapes cannot tell (the demo upscaler's)."""
     mc = sd["input_blocks.0.0.weight"].shape[0]
     levels = 1 + sum(1 for k in sd if re.fullmatch(r"input_blocks\.\d+\.0\.op\.weight", k))
     num_input_blocks = len({k.split(".")[1] for k in sd if k.startswith("input_blocks.")})
@@ -364,8 +366,10 @@ def config_from_state_dict(sd, num_heads=8, num_head_channels=-1, upcast_attenti
         if f"input_blocks.{first}.1.proj_in.weight" in sd:
             attention_levels.append(level)
             # attn1's keys come from the text where self-attention is disabled (where the text is as
-            # wide as the level, shapes cannot tell; every released model has self-attention there)
-            if sd[f"input_blocks.{first}.1.transformer_blocks.0.attn1.to_k.weight"].shape[1] != mc * channel_mult[-1]:
+            # wide as the level, shapes cannot tell: every released model has self-attention there,
+            # and the file may say otherwise, `text_only_levels`)
+            width = sd[f"input_blocks.{first}.1.transformer_blocks.0.attn1.to_k.weight"].shape[1]
+            if width != mc * channel_mult[-1] or (width == context_dim and level in (text_only_levels or ())):
                 disabled.append(level)
     widths = {mc * channel_mult[level] for level in attention_levels} | {mc * channel_mult[-1]}  # + the middle block
     rule = f"{num_head_channels}-channel heads" if num_head_channels != -1 else f"{num_heads} heads"

@@ -34,6 +34,14 @@ def batch_to_frames(x, frames):
     return x.reshape(bf // frames, frames, c, h, w).permute(0, 2, 1, 3, 4)
 
 
+def resample(videos, factor):
+    """Videos [B, C, F, H, W] in [-1, 1] scaled by `factor` (0.25: the x4 upscaler's low-res input; 4:
+    bicubic upsampling, the baseline it must beat), frame by frame, bicubic with antialiasing, clamped."""
+    frames = frames_to_batch(videos.float())
+    out = torch.nn.functional.interpolate(frames, scale_factor=factor, mode="bicubic", antialias=factor < 1)
+    return batch_to_frames(out, videos.shape[2]).clamp(-1, 1)
+
+
 def stack_clips(clips):
     """Clips [F, C, H, W] -> one batch [B, C, F, H, W]."""
     # b f c h w -> b c f h w
@@ -63,6 +71,11 @@ def resolve_shape(frames=None, size=None, height=None, width=None, defaults=(DEF
 def to_uint8(images):
     """Images in [-1, 1] -> uint8 levels 0..255 (rounded, clipped), same shape."""
     return ((images + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
+
+
+def to_frames(videos):
+    """Videos [B, 3, F, H, W] in [-1, 1] -> uint8 frames [B, F, H, W, 3] on the CPU (what pipelines return)."""
+    return to_uint8(videos).cpu().permute(0, 2, 3, 4, 1)  # b 3 f H W -> b f H W 3
 
 
 def as_frames(frames):

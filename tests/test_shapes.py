@@ -245,3 +245,48 @@ def test_stray_blobs_count_what_a_viewer_sees_beside_the_object():
     speck = video.copy()
     speck[:, 2:3, 26:29] = np.round(opposite).astype(np.uint8)  # 3 pixels: under the 4-pixel minimum at 32x32
     assert shapes.stray_blobs(speck, "blue") == [0] * 4
+
+
+def test_coverage_of_the_bounding_box_alone_equals_the_whole_frames():
+    """coverage samples only the shape's bounding box; the full-frame sampling it replaced gives the same."""
+    for shape, cx, cy, r in [("circle", 16.3, 9.7, 5.2), ("square", 0.5, 31.2, 4), ("triangle", 20.1, 20.9, 7.7)]:
+        dx = (np.arange(32 * shapes.SUPERSAMPLE) + 0.5)[None, :] / shapes.SUPERSAMPLE - cx
+        dy = (np.arange(32 * shapes.SUPERSAMPLE) + 0.5)[:, None] / shapes.SUPERSAMPLE - cy
+        inside = {"circle": dx ** 2 + dy ** 2 <= r ** 2, "square": (np.abs(dx) <= r) & (np.abs(dy) <= r),
+                  "triangle": (np.abs(dy) <= r) & (np.abs(dx) <= (dy + r) / 2)}[shape]
+        want = inside.reshape(32, shapes.SUPERSAMPLE, 32, shapes.SUPERSAMPLE).mean(axis=(1, 3))
+        assert np.array_equal(shapes.coverage(shape, cx, cy, r, 32, 32), want)
+
+
+def test_at_128_pixels_the_fill_names_the_shape_and_a_rounded_square_is_no_square():
+    """Drawn 128x128 clips are read right and clean; a square with rounded corners, which overlaps an
+    ideal square well (the rule for small objects), is not called a square once it is large."""
+    for i in range(24):
+        video, text = shapes.sample(i, seed=11, frames=4, size=32, render=128)
+        score = shapes.score(video, text)
+        assert score["shape_correct"] == score["colour_clean"] == score["clean_fraction"] == 1, (text, score)
+    y, x = np.mgrid[:128, :128] + 0.5
+    rounded = (np.abs(x - 64) / 24) ** 2.5 + (np.abs(y - 64) / 24) ** 2.5 <= 1  # a superellipse: fill ~0.85
+    frame = np.where(rounded[..., None], np.array(shapes.COLOURS["red"]), np.array(shapes.BACKGROUND)).astype(np.uint8)
+    found = shapes.track(frame[None])[0][0]
+    assert 0.8 < found["fill"] < 0.9 and found["shape"] != "square"
+    square = np.where((np.abs(x - 64) < 24) & (np.abs(y - 64) < 24), 1, 0)[..., None]
+    frame = np.where(square, np.array(shapes.COLOURS["red"]), np.array(shapes.BACKGROUND)).astype(np.uint8)
+    assert shapes.track(frame[None])[0][0]["shape"] == "square"
+
+
+def test_a_second_object_or_a_stray_blob_makes_a_frame_unclean():
+    video, text = shapes.sample(3, seed=2, frames=8, size=32, render=128)
+    colour = shapes.parse_caption(text)[0]
+    assert shapes.score(video, text)["colour_clean"] == 1
+    other = next(c for c in shapes.COLOURS if c != colour)
+    spotted = video.copy()
+    spotted[2, :10, :10] = shapes.COLOURS[other]  # a second object, in frame 2
+    score = shapes.score(spotted, text)
+    assert score["clean_fraction"] == 7 / 8 and score["colour_clean"] == 0 and score["colour_correct"] == 1
+    tinted = video.copy()
+    away = np.array(shapes.BACKGROUND) - 0.12 * (np.array(shapes.COLOURS[colour]) - np.array(shapes.BACKGROUND))
+    tinted[5:, :12, :12] = np.round(away)  # a faint smudge of the opposite hue, in frames 5..7
+    score = shapes.score(tinted, text)
+    assert score["stray_fraction"] == 3 / 8 and score["clean_fraction"] == 5 / 8
+    assert score["colour_clean"] == 0 and score["colour_correct"] == 1

@@ -60,3 +60,35 @@ def test_rescaled_latents_have_unit_variance_and_decode_the_same():
     assert torch.allclose(vae.decode(mean), before, atol=1e-4)
     held_out, _ = train_image.frames(10 ** 6, 64, 0, 32)
     assert abs((vae.encode(held_out)[0] * LATENT_SCALE).std().item() - 1) < 1e-3
+
+
+def test_the_upscaler_run_writes_an_x4_checkpoint_that_train_py_tunes(tmp_path, capsys):
+    """--upscaler: the x4 upscaler's architecture at a small size, saved in its single-file layout, so that
+    simda.load_upscaler loads it and train.py --stage sr --data shapes trains adapters on it."""
+    out = tmp_path / "sr"
+    train_image.main(["--upscaler", "--size", "8", "--out", str(out), "--vae-steps", "2", "--unet-steps", "2", *SMALL])
+    printed = capsys.readouterr().out
+    assert "upscaler check, 48 unseen frames 8x8 -> 32x32" in printed and "bicubic" in printed
+    path = str(out / "sr-shapes.safetensors")
+    pipe = simda.load_upscaler(path)
+    vae_config, text_config, unet_config = train_image.configs(upscaler=True)
+    assert pipe.is_upscaler and pipe.family == "SD x4 upscaler" and pipe.prediction == "v"
+    assert (pipe.vae.config, pipe.text_encoder.config, pipe.unet.config) == (vae_config, text_config, unet_config)
+    import train  # here: the other tests of this file do not need it
+    train.main(["--stage", "sr", "--data", "shapes", "--ckpt", path, "--size", "32", "--frames", "2", "--steps", "1",
+                "--batch-size", "1", "--out", str(tmp_path / "adapters")])
+    meta = simda.read_adapters(str(tmp_path / "adapters" / "adapters.safetensors"))[1]
+    assert meta["stage"] == "sr" and meta["family"] == "SD x4 upscaler" and meta["height"] == 32
+
+
+def test_finetune_decoder_changes_the_decoder_alone(tmp_path, capsys):
+    """--finetune-decoder trains the VAE decoder of a saved model with the encoder frozen: the encoder,
+    the text encoder and the UNet come out bitwise the same, so adapters trained on the model stay valid."""
+    train_image.main(["--finetune-decoder", simda.DEMO_CHECKPOINT, "--out", str(tmp_path), "--decoder-steps", "2",
+                      "--vae-batch-size", "2", "--log-every", "1"])
+    assert "vae check on 96 unseen frames" in capsys.readouterr().out
+    before, after = load_file(simda.DEMO_CHECKPOINT), load_file(str(tmp_path / "sd-shapes.safetensors"))
+    assert before.keys() == after.keys()
+    decoder = ("first_stage_model.decoder.", "first_stage_model.post_quant_conv.")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(decoder) for k in changed)

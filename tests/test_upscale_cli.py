@@ -339,10 +339,11 @@ def test_no_sr_checkpoint_is_a_clear_error(tiny_checkpoint, clip, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SIMDA_SR_CKPT", raising=False)
     argv = ["--upscale-video", clip, "--frames", "2", "--size", "16", "--out", "v.gif"]
-    err = expect_error(capsys, sample.main, argv, "x4-upscaler-ema.safetensors", "--sr-ckpt", "SIMDA_SR_CKPT")
+    # stage one is an SD checkpoint: the demo's upscaler (32x32 shapes) is no stand-in for SD's
+    err = expect_error(capsys, sample.main, [PROMPT, "--ckpt", tiny_checkpoint, "--upscale", "--frames", "2", "--size",
+                                             "16", "--out", "v.gif"], "x4-upscaler-ema.safetensors", "--sr-ckpt",
+                       "SIMDA_SR_CKPT")
     assert os.path.join(str(tmp_path), "checkpoints", "x4-upscaler-ema.safetensors") in err, err
-    expect_error(capsys, sample.main, [PROMPT, "--ckpt", tiny_checkpoint, "--upscale", "--frames", "2", "--size", "16",
-                                       "--out", "v.gif"], "x4-upscaler-ema.safetensors", "--sr-ckpt")
     nowhere = str(tmp_path / "nowhere" / "x4.safetensors")
     monkeypatch.setenv("SIMDA_SR_CKPT", nowhere)
     expect_error(capsys, sample.main, argv, f"SIMDA_SR_CKPT points to {nowhere}, which does not exist")
@@ -352,7 +353,6 @@ def test_no_sr_checkpoint_is_a_clear_error(tiny_checkpoint, clip, tmp_path, monk
 def test_train_stage_sr_refuses_what_it_cannot_do(x4_file, videos, tmp_path, capsys, no_models):
     out = str(tmp_path / "run")
     base = ["--stage", "sr", "--ckpt", x4_file, "--out", out, "--frames", "2", "--steps", "1"]
-    expect_error(capsys, train.main, ["--data", "shapes", *base, "--size", "64"], "--stage sr", "shapes")
     expect_error(capsys, train.main, ["--data", videos, *base, "--size", "64", "--val-prompt", "a dog"],
                  "--val-prompt")
     expect_error(capsys, train.main, ["--data", videos, *base, "--size", "64", "--cache-latents"], "--cache-latents")
