@@ -13,6 +13,7 @@ fresh initialisation.
 """
 import json
 import re
+import zipfile
 import os
 from dataclasses import dataclass
 
@@ -141,6 +142,15 @@ def safetensors_header(path):
                               f"torch state dict): {type(e).__name__}: {e}") from e
 
 
+def is_torchscript(path):
+    """A TorchScript archive: a zip that holds code and constants besides tensors."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("constants.pkl") or "/code/" in name for name in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 # safetensors metadata: the UNet levels whose attn1 attends to the text ("1,2"), which the shapes cannot
 # tell where the text is as wide as the level (the demo upscaler's level 1)
 TEXT_ONLY_LEVELS_KEY = "disable_self_attentions"
@@ -152,6 +162,11 @@ def read_checkpoint(path):
     "global_step": the step count a .ckpt was saved at}, where present."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if is_torchscript(path):  # torch.load would hand it to torch.jit.load, even with weights_only
+        raise CheckpointError(
+            f"{path} is a TorchScript archive (e.g. OpenAI's CLIP download), not a state dict, and is never loaded "
+            f"here. Convert it once:\n  python -c \"import torch; torch.save(torch.jit.load('{path}', "
+            "map_location='cpu').state_dict(), 'state-dict.pt')\"")
     facts = {}
     try:
         if path.endswith(".safetensors"):

@@ -89,29 +89,35 @@ OPEN_CLIP_OTHER = {"token_embedding.weight": "embeddings.token_embedding.weight"
 OPEN_CLIP_UNUSED = ("text_projection", "logit_scale")
 
 
-def from_open_clip(sd):
-    """OpenCLIP text-tower keys (without `cond_stage_model.model.`) -> ours, keeping the layers SD 2.x
-    runs: all but the last. Keys we do not know keep their names, for the strict load to report."""
-    last = max((int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks.")), default=-1)
+def rename_open_clip_layers(sd):
+    """OpenCLIP/OpenAI `transformer.resblocks.N.*` keys -> our `encoder.layers.N.*`, q/k/v unstacked from
+    `attn.in_proj_*`; other keys unchanged. Shared by both towers (clip_model.py reads the image one)."""
     out = {}
     for key, value in sd.items():
         parts = key.split(".")
-        if key in OPEN_CLIP_UNUSED or key.startswith(f"transformer.resblocks.{last}."):
-            continue
-        if key in OPEN_CLIP_OTHER:
-            out[OPEN_CLIP_OTHER[key]] = value
-        elif key.startswith("transformer.resblocks.") and len(parts) >= 5:
-            layer, name = f"encoder.layers.{parts[2]}.", ".".join(parts[3:])
-            if name in ("attn.in_proj_weight", "attn.in_proj_bias"):
-                kind = name.rsplit("_", 1)[1]  # weight or bias
-                for proj, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-                    out[f"{layer}self_attn.{proj}.{kind}"] = chunk
-            else:
-                module, kind = name.rsplit(".", 1)
-                out[layer + f"{OPEN_CLIP_LAYER.get(module, module)}.{kind}"] = value
-        else:
+        if not (key.startswith("transformer.resblocks.") and len(parts) >= 5):
             out[key] = value
+            continue
+        layer, name = f"encoder.layers.{parts[2]}.", ".".join(parts[3:])
+        if name in ("attn.in_proj_weight", "attn.in_proj_bias"):
+            kind = name.rsplit("_", 1)[1]  # weight or bias
+            for proj, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                out[f"{layer}self_attn.{proj}.{kind}"] = chunk
+        else:
+            module, kind = name.rsplit(".", 1)
+            out[layer + f"{OPEN_CLIP_LAYER.get(module, module)}.{kind}"] = value
     return out
+
+
+def from_open_clip(sd, all_layers=False):
+    """OpenCLIP (or OpenAI CLIP) text-tower keys (without `cond_stage_model.model.`) -> ours, keeping the
+    layers SD 2.x runs: all but the last (`all_layers`: every layer, as CLIP itself runs them; the
+    projection and temperature are the caller's). Keys we do not know keep their names, for the strict
+    load to report."""
+    last = max((int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks.")), default=-1)
+    kept = {k: v for k, v in sd.items() if k not in OPEN_CLIP_UNUSED and
+            (all_layers or not k.startswith(f"transformer.resblocks.{last}."))}
+    return {OPEN_CLIP_OTHER.get(k, k): v for k, v in rename_open_clip_layers(kept).items()}
 
 
 def to_open_clip(sd):
@@ -207,9 +213,9 @@ class Tokenizer:
 # ----------------------------------------------------------------------------- text transformer
 
 class CLIPAttention(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: CLIPTextConfig, causal=True):
         super().__init__()
-        self.heads = cfg.heads
+        self.heads, self.causal = cfg.heads, causal
         self.q_proj = nn.Linear(cfg.width, cfg.width)
         self.k_proj = nn.Linear(cfg.width, cfg.width)
         self.v_proj = nn.Linear(cfg.width, cfg.width)
@@ -220,7 +226,8 @@ class CLIPAttention(nn.Module):
         # [B, L, C] -> [B, heads, L, C / heads]
         q, k, v = (proj(x).view(B, L, self.heads, C // self.heads).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # a token sees itself and the tokens before it
+        # text: a token sees itself and the tokens before it; image patches (clip_model.py) see each other
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(y.transpose(1, 2).reshape(B, L, C))
 
 
@@ -241,10 +248,10 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: CLIPTextConfig, causal=True):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.width, eps=1e-5)
-        self.self_attn = CLIPAttention(cfg)
+        self.self_attn = CLIPAttention(cfg, causal)
         self.layer_norm2 = nn.LayerNorm(cfg.width, eps=1e-5)
         self.mlp = CLIPMLP(cfg)
 

@@ -1,7 +1,7 @@
 """Video-caption data for training SimDA: WebVid-style CSVs, a folder of captioned videos, or one clip.
 
-`read_clip` decodes `frames` frames, `stride` apart, from a random start (imageio's ffmpeg plugin;
-pillow for GIFs), resizes them on the short side, center-crops to height x width and scales to
+`read_clip` decodes `frames` frames, `stride` apart, from a random start (`read_frames`: imageio's
+ffmpeg plugin; pillow for GIFs), resizes them on the short side, center-crops to height x width and scales to
 [-1, 1]. `find_videos` lists (video, caption) pairs, `Dataset` hands them out for training;
 `ShapesDataset` makes fresh videos of the synthetic shapes world instead (train.py --data shapes);
 `cache_latents` encodes one clip per video once (train.py --cache-latents).
@@ -54,10 +54,30 @@ def read_clip(path, frames, stride, height, width, start=None, flip=False, rng=N
     """`frames` frames of the video at `path`, `stride` frames apart, as a float tensor
     [frames, 3, height, width] in [-1, 1]. start=None: a random start from `rng` (a random.Random),
     or 0 without one; a video shorter than its estimated length falls back to its last frames."""
-    if frames < 1 or stride < 1:
+    picked = read_frames(path, frames, stride, start, rng)
+    return resize_crop(torch.from_numpy(picked).permute(0, 3, 1, 2).float(), height, width, flip)
+
+
+def read_frames(path, frames=None, stride=1, start=None, rng=None):
+    """uint8 frames [F, H, W, 3] of the video at `path` as read_clip picks them, unresized; frames=None:
+    every frame from `start` (default 0). A .npy file holds the frames themselves (evaluate.py t2v's
+    lossless output)."""
+    if frames is not None and (frames < 1 or stride < 1):
         raise ValueError(f"need frames >= 1 and stride >= 1, got frames={frames}, stride={stride}")
-    span = (frames - 1) * stride + 1  # source frames covered by the clip
-    window = collections.deque(maxlen=span)  # the last `span` decoded frames
+    if str(path).lower().endswith(".npy"):
+        try:
+            video = np.load(path, allow_pickle=False)
+        except Exception as e:
+            raise VideoError(f"{path}: cannot read: {short_reason(e)}") from e
+        if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+            raise VideoError(f"{path}: expected uint8 frames [F, H, W, 3], found {video.dtype} {list(video.shape)}")
+        first = start or 0
+        picked = video[first::stride][:frames]
+        if frames is not None and len(picked) < frames:
+            raise VideoError(f"{path}: too short: {len(video)} frames, need {(frames - 1) * stride + 1 + first}")
+        return picked
+    span = (frames - 1) * stride + 1 if frames is not None else math.inf  # source frames covered by the clip
+    window = collections.deque(maxlen=None if frames is None else span)  # the last `span` decoded frames
     count = 0
     try:
         gif = str(path).lower().endswith(".gif")
@@ -70,21 +90,23 @@ def read_clip(path, frames, stride, height, width, start=None, flip=False, rng=N
                 if not math.isfinite(estimate):  # ffmpeg often does not know; estimate from duration
                     estimate = meta.get("duration", 0) * meta.get("fps", 0)
                 estimate = int(estimate) if math.isfinite(estimate) else 0
-            explicit = start is not None
+            explicit = start is not None or frames is None
             if start is None:
-                start = rng.randrange(max(estimate - span, 0) + 1) if rng is not None else 0
+                start = rng.randrange(max(estimate - span, 0) + 1) if rng is not None and frames is not None else 0
             for frame in video.iter():
-                window.append(frame)
                 count += 1
+                if frames is not None or count > start:  # a clip keeps its last `span` frames (the fallback)
+                    window.append(frame)
                 if count == start + span:
                     break
     except Exception as e:  # any decoder failure makes this one video unusable, nothing more
         raise VideoError(f"{path}: cannot decode: {short_reason(e)}") from e
-    if len(window) < span or (explicit and count < start + span):
+    if frames is None and not window:
+        raise VideoError(f"{path}: no frames" + (f" after frame {start}" if start else ""))
+    if frames is not None and (len(window) < span or (explicit and count < start + span)):
         raise VideoError(f"{path}: too short: {count} frames, need {span + (start if explicit else 0)} "
                          f"({frames} frames {stride} apart" + (f" from frame {start})" if explicit else ")"))
-    picked = np.stack([as_rgb(f) for f in list(window)[::stride]])  # [F, H, W, 3] uint8
-    return resize_crop(torch.from_numpy(picked).permute(0, 3, 1, 2).float(), height, width, flip)
+    return np.stack([as_rgb(f) for f in list(window)[::stride]])
 
 
 def as_rgb(frame):

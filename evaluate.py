@@ -1,22 +1,18 @@
-"""The paper's ablation (its Table 6) in miniature, measured on the demo model: every row samples the
-same videos (each caption of the shapes world, times --seeds) and shapes.score rates them with the
-colour-segmentation tracker; the result is a markdown table (and a JSON file with every score).
+"""Scores of generated videos, one command per kind:
 
-    python evaluate.py                     # the README's table, from the adapters in models/
-    python evaluate.py --row "mine=out/shapes/adapters.safetensors" --row "image model="
-    python evaluate.py sr                  # the second stage: the demo's upscalers against the truth
+    python evaluate.py videos --videos DIR --prompts captions.csv --clip CLIP [--i3d I3D --real DIR]
+    python evaluate.py t2v --ckpt SD --adapters A --prompts msrvtt_test.csv --clip CLIP [--i3d I3D --real DIR]
+    python evaluate.py shapes     # (or no sub-command) the demo's ablation table on the shapes world
+    python evaluate.py sr         # the demo's second stage against its truth
 
-`evaluate.py sr` scores the demo's second stage (32x32 -> 128x128): each row upscales the same clips,
-downscaled x4 from their true 128x128 render (so the input is exact), and metrics.py compares them
-with the truth (PSNR, SSIM, flicker) while the tracker reads them; then, end to end, stage one's
-videos from the captions are upscaled and tracked. Cells are means and one standard error.
-
-Rows (default): the frozen image model run frame by frame (no adapters, no latent-shift attention),
-the shipped SimDA adapters (1500 steps), and the ablation: SimDA, without latent-shift attention,
-without temporal adapters and without spatial adapters, each trained with the same budget (750
-steps; README: "The demo model").
+`videos` and `t2v` measure what the paper reports (README: "The paper's metrics"): CLIPSIM and frame
+consistency with CLIP (clip_model.py), FVD against real videos with I3D (i3d.py), the formulas in
+metrics.py. `t2v` is the paper's MSR-VTT protocol: one video per caption, sampled in batches,
+resumable (each finished video's features are kept, so a rerun goes on where a kill stopped it),
+then scored. `shapes` and `sr` live in shapes_eval.py.
 """
 import argparse
+import csv
 import json
 import os
 import sys
@@ -24,270 +20,341 @@ import sys
 import numpy as np
 import torch
 
-import shapes
-import simda
-from runtime import Progress
+import clip_model
+import clip_text
+import data
+import i3d
 import metrics
-from video import resample, resolve_shape, save_video, to_frames
-
-ROWS = [
-    ("frozen image model, frame by frame", None),
-    ("SimDA, shipped (1500 steps)", simda.DEMO_ADAPTERS),
-    ("SimDA (750 steps, like each row below)", os.path.join(simda.MODELS_DIR, "ablation", "simda-750-steps.safetensors")),
-    ("without latent-shift attention", os.path.join(simda.MODELS_DIR, "ablation", "no-latent-shift.safetensors")),
-    ("without temporal adapters", os.path.join(simda.MODELS_DIR, "ablation", "no-temporal-adapters.safetensors")),
-    ("without spatial adapters", os.path.join(simda.MODELS_DIR, "ablation", "no-spatial-adapters.safetensors")),
-]
-COLUMNS = [("motion_correct", "motion direction", "%"), ("colour_correct", "colour", "%"), ("shape_correct", "shape", "%"),
-           ("present_fraction", "object present (frames)", "%"), ("area_variation", "area variation", "f"),
-           ("smoothness", "smoothness (0 = steady)", "f"), ("stray_fraction", "stray blob (frames)", "%")]
+import shapes_eval
+import simda
+from checkpoint import write_atomic
+from runtime import Progress, pick_device, pick_dtype
+from video import resolve_shape, save_video
 
 
-SR_ROWS = [
-    ("bicubic", "bicubic"),
-    ("image upscaler, frame by frame", None),
-    ("video upscaler (SimDA)", simda.DEMO_SR_ADAPTERS),
-    ("without temporal adapters", os.path.join(simda.MODELS_DIR, "ablation", "sr-no-temporal-adapters.safetensors")),
-    ("without latent-shift attention", os.path.join(simda.MODELS_DIR, "ablation", "sr-no-latent-shift.safetensors")),
-]
-SR_COLUMNS = [("psnr", "PSNR (dB)", 2), ("ssim", "SSIM", 4), ("flicker", "flicker (levels)", 3),
-              ("shape_correct", "shape", "%"), ("colour_clean", "colour, whole frame", "%"),
-              ("motion_correct", "direction", "%"), ("stray_fraction", "stray blob (frames)", "%")]
-SR_SEED = 1000  # the evaluation's clips: shapes.sample's seeds SR_SEED, SR_SEED + 1, ...; training used seed 0
+# ---------------------------------------------------------------------------- the paper's metrics
+
+CAPTION_COLUMNS = ("caption", "sentence", "text", "prompt", "name")  # name: WebVid's CSVs
+ID_COLUMNS = ("video_id", "videoid", "video", "id", "path", "file")
+SCORED_EXTENSIONS = data.VIDEO_EXTENSIONS + (".npy",)
+FVD_FRAMES = 16  # the usual protocol: the first 16 frames, consecutive, at 224x224 (i3d.preprocess)
 
 
-def prompts_and_seeds(seeds):
-    """Every caption of the world once per seed: (prompt, seed) pairs, seed-major."""
-    return [(shapes.caption(*c), s) for s in range(seeds) for c in shapes.COMBINATIONS]
+def read_captions(path):
+    """[(video id or None, caption)]: a CSV with a caption column (one of CAPTION_COLUMNS) and perhaps an
+    id column (ID_COLUMNS; MSR-VTT's video_id, WebVid's videoid), or a text file of one caption a line."""
+    if not os.path.isfile(path):
+        raise ValueError(f"caption file not found: {path}")
+    with open(path, newline="", encoding="utf-8") as f:
+        if not path.lower().endswith(".csv"):
+            return [(None, line.strip()) for line in f if line.strip()]
+        reader = csv.DictReader(f)
+        fields = {name.strip().lower(): name for name in reader.fieldnames or []}
+        text = next((fields[c] for c in CAPTION_COLUMNS if c in fields), None)
+        if text is None:
+            raise ValueError(f"{path}: no caption column: expected one of {', '.join(CAPTION_COLUMNS)}, found "
+                             f"{reader.fieldnames}")
+        key = next((fields[c] for c in ID_COLUMNS if c in fields), None)
+        rows = [(row[key].strip() if key else None, row[text].strip()) for row in reader]
+    if not rows or any(not caption for _, caption in rows):
+        raise ValueError(f"{path}: empty captions (row {next((i for i, (_, c) in enumerate(rows) if not c), 0) + 2})"
+                         if rows else f"{path}: no captions")
+    return rows
 
 
-def evaluate_row(pipe, jobs, frames, height, width, steps, guidance, batch_size, save_dir=None):
-    """Sample and score every (prompt, seed) job; returns the list of score dicts."""
-    scores = []
-    progress = Progress("videos", len(jobs))
-    for i in range(0, len(jobs), batch_size):
-        batch = jobs[i:i + batch_size]
-        for seed in sorted({s for _, s in batch}):  # a pipeline call takes one seed
-            prompts = [p for p, s in batch if s == seed]
-            videos = pipe(prompts, frames, height, width, steps, guidance, seed=seed, progress=False).numpy()
-            for prompt, video in zip(prompts, videos):
-                scores.append(shapes.score(video, prompt))
-                if save_dir:
-                    save_video(video, os.path.join(save_dir, f"{len(scores) - 1:03d}-{prompt.replace(' ', '-')}.gif"))
-        progress.show(len(scores))
-    return scores
+def video_files(folder, what="--videos"):
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} {folder} is not a folder")
+    files = sorted(n for n in os.listdir(folder) if n.lower().endswith(SCORED_EXTENSIONS))
+    if not files:
+        raise ValueError(f"{what} {folder} holds no videos ({', '.join(SCORED_EXTENSIONS)})")
+    return [os.path.join(folder, n) for n in files]
 
 
-def table(results):
-    """Markdown: one row per evaluated model, the means of shapes.score."""
-    head = "| model | " + " | ".join(title for _, title, _ in COLUMNS) + " | videos |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
-    for name, summary in results.items():
-        cells = [f"{100 * summary[k]:.1f}%" if kind == "%" else f"{summary[k]:.3f}" for k, _, kind in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {summary['videos']} |")
-    return "\n".join(lines)
+def match_captions(paths, rows, prompts_path):
+    """The caption of each video: by id (the file name without extension) when the file has ids, else
+    in order (videos sorted by name); any video without a caption, or caption without a video, is an error."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if rows[0][0] is None:
+        if len(rows) != len(paths):
+            raise ValueError(f"{prompts_path} has {len(rows)} captions and no video id column, but there are "
+                             f"{len(paths)} videos: with no ids they are matched in order, one each")
+        return [caption for _, caption in rows]
+    by_id = {}
+    for key, caption in rows:
+        key = os.path.splitext(os.path.basename(key))[0]
+        if key in by_id:
+            raise ValueError(f"{prompts_path}: video id {key!r} has more than one caption; keep one caption a video")
+        by_id[key] = caption
+    if missing := [s for s in stems if s not in by_id]:
+        raise ValueError(f"{len(missing)} videos have no caption in {prompts_path} (e.g. {missing[0]!r}; ids are "
+                         f"matched to file names without extension)")
+    if unused := sorted(by_id.keys() - set(stems)):
+        raise ValueError(f"{len(unused)} captions in {prompts_path} have no video (e.g. {unused[0]!r}); score a "
+                         f"caption file that lists exactly these videos")
+    return [by_id[s] for s in stems]
 
 
-def cell(values, kind):
-    """'mean ± standard error' of one column's per-video values."""
-    values = np.asarray(values, np.float64)
-    values = values[np.isfinite(values)]
-    mean, se = values.mean(), values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return f"{100 * mean:.1f}% ± {100 * se:.1f}" if kind == "%" else f"{mean:.{kind}f} ± {se:.{kind}f}"
+def load_scorers(args, device):
+    """(CLIP, its tokenizer, I3D or None) for the paper's metrics."""
+    clip = clip_model.load_clip(args.clip, device)
+    detector = i3d.load_i3d(args.i3d, device) if args.i3d else None
+    return clip, clip_text.Tokenizer(max_length=clip.config.text.max_length), detector
 
 
-def sr_table(results, columns):
-    """Markdown: one row per method, each column's mean ± one standard error over the videos."""
-    lines = ["| method | " + " | ".join(title for _, title, _ in columns) + " | videos |",
-             "|" + "---|" * (len(columns) + 2)]
-    for name, scores in results.items():
-        cells = [cell([s[k] for s in scores], kind) for k, _, kind in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(scores)} |")
-    return "\n".join(lines)
+def video_features(paths, clip, detector, frames, fvd_frames, what):
+    """Per readable video: CLIP embeddings of its frames [F, D] (the first `frames`, or all) and, with a
+    detector, I3D features [400] of its first `fvd_frames`. Undecodable videos are skipped and counted;
+    videos of another size than the first are an error (resize them first: the protocol compares sizes)."""
+    out, skipped, size = [], [], None
+    progress = Progress(f"{what}: videos", len(paths))
+    for path in paths:
+        try:
+            video = data.read_frames(path, frames)
+            if detector is not None and len(video) < fvd_frames:
+                raise data.VideoError(f"{path}: too short for FVD: {len(video)} frames, need {fvd_frames}")
+        except data.VideoError as e:
+            skipped.append(str(e))
+            data.warn(f"skipping {e}")
+            continue
+        if size is None:
+            size = video.shape[1:3]
+        elif video.shape[1:3] != size:
+            raise ValueError(f"{path} is {video.shape[2]}x{video.shape[1]} but the {what} videos before it are "
+                             f"{size[1]}x{size[0]}: score videos of one size")
+        out.append({"path": path, "frames": len(video), **features_of(video, clip, detector, fvd_frames)})
+        progress.show(len(out) + len(skipped))
+    if not out:
+        raise ValueError(f"none of the {len(paths)} {what} videos could be read: {skipped[0]}")
+    return out, skipped, size
 
 
-def sr_clips(seeds, frames=shapes.FRAMES, size=shapes.SIZE):
-    """Every caption of the world once per seed: the true videos [N, 3, F, 4 size, 4 size] in [-1, 1],
-    drawn at 4x from scenes of `size` pixels, their captions, and the seed of each."""
-    jobs = [(i, SR_SEED + s) for s in range(seeds) for i in range(len(shapes.COMBINATIONS))]
-    videos, captions = zip(*(shapes.sample(i, seed, frames, size, size * simda.UPSCALE) for i, seed in jobs))
-    truth = torch.from_numpy(np.stack(videos)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # b f H W 3 -> b 3 f H W
-    return truth, list(captions), [seed - SR_SEED for _, seed in jobs]
+def features_of(video, clip, detector, fvd_frames):
+    """uint8 frames [F, H, W, 3] -> {"clip": unit embeddings of every frame [F, D], "i3d": the I3D features
+    [400] of the first `fvd_frames`}, each where its model is given."""
+    item = {}
+    if clip is not None:
+        item["clip"] = clip_model.embed_videos(clip, video[None])[0]
+    if detector is not None:
+        item["i3d"] = i3d.features(detector, video[None, :fvd_frames])[0]
+    return item
 
 
-def upscale_all(upscaler, low_res, captions, seeds, steps, guidance, noise_level, batch_size, name):
-    """Upscale every video (one call per batch of one seed) -> uint8 frames [N, F, 4H, 4W, 3]; upscaler
-    None: bicubic."""
-    if upscaler is None:
-        return to_frames(resample(low_res, simda.UPSCALE))
-    out, progress = [None] * len(captions), Progress(f"{name}: videos", len(captions))
-    for seed in sorted(set(seeds)):
-        mine = [i for i, s in enumerate(seeds) if s == seed]
-        for j in range(0, len(mine), batch_size):
-            batch = mine[j:j + batch_size]
-            videos = upscaler.upscale(low_res[batch], [captions[i] for i in batch], steps, guidance, noise_level,
-                                      seed=seed, progress=False)
-            for i, video in zip(batch, to_frames(videos)):
-                out[i] = video
-            progress.show(sum(v is not None for v in out))
-    return torch.stack(out)
+def paper_scores(items, captions, clip, tokenizer, real=None):
+    """CLIPSIM and frame consistency per video (and their means), FVD against the real features."""
+    per_video = {}
+    if clip is not None:
+        text = clip_model.embed_texts(clip, tokenizer, captions)
+        per_video = {"clipsim": [float(metrics.clipsim(item["clip"][None], text[i:i + 1])[0])
+                                 for i, item in enumerate(items)],
+                     "frame_consistency": [float(metrics.frame_consistency(item["clip"][None])[0]) if
+                                           item["frames"] > 1 else float("nan") for item in items]}
+    summary = {k: float(np.nanmean(v)) for k, v in per_video.items()}
+    if real is not None:
+        summary["fvd"] = metrics.frechet_distance(np.stack([i["i3d"] for i in items]), np.stack([i["i3d"] for i in real]))
+    return summary, per_video
 
 
-def sr_scores(videos, truth, captions):
-    """Per video: PSNR, SSIM and flicker against the truth, and the tracker's scores (shapes.score)."""
-    numbers = {"psnr": metrics.psnr(videos, truth), "ssim": metrics.ssim(videos, truth),
-               "flicker": metrics.flicker(videos, truth)}
-    return [{**shapes.score(video.numpy(), text), **{k: float(v[i]) for k, v in numbers.items()}}
-            for i, (video, text) in enumerate(zip(videos, captions))]
+def paper_table(summary, knobs):
+    names = {"clipsim": "CLIPSIM (raw cosine)", "frame_consistency": "frame consistency (x100)", "fvd": "FVD"}
+    lines = ["| metric | value |", "|---|---:|"]
+    lines += [f"| {names[k]} | {v:.4f} |" if k == "clipsim" else f"| {names[k]} | {v:.2f} |" for k, v in summary.items()]
+    return "\n".join(lines + ["", "protocol: " + "; ".join(f"{k} {v}" for k, v in knobs.items())])
 
 
-def main_sr(argv):
-    p = argparse.ArgumentParser(prog="evaluate.py sr", description="Score the demo's second stage: the upscalers "
-                                "(32x32 -> 128x128) against the true 128x128 render, and end to end from captions.")
-    p.add_argument("--sr-ckpt", default=simda.DEMO_UPSCALER, help="the upscaler (default: the demo's)")
-    p.add_argument("--ckpt", default=simda.DEMO_CHECKPOINT, help="stage one, end to end (default: the demo model)")
-    p.add_argument("--adapters", default=simda.DEMO_ADAPTERS, help="stage one's adapters (default: the demo's)")
-    p.add_argument("--row", action="append", default=[], metavar="NAME=ADAPTERS",
-                   help="a row: its name and upscaler adapter file (empty: the image upscaler frame by frame; "
-                        "'bicubic': bicubic upsampling); repeatable (default: the README's five rows)")
-    p.add_argument("--seeds", type=int, default=2, help="clips per caption, 48 captions (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=20, help="the upscaler's DDIM steps (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=1.0, help="the upscaler's guidance (default: %(default)s)")
-    p.add_argument("--noise-level", type=int, default=20, help="noise level of the low-res input (default: %(default)s)")
-    p.add_argument("--t2v-steps", type=int, default=25, help="stage one's DDIM steps, end to end (default: %(default)s)")
-    p.add_argument("--t2v-guidance", type=float, default=7.5, help="stage one's guidance (default: %(default)s)")
-    p.add_argument("--end-to-end", action="append", metavar="NAME",
-                   help="a row to run end to end too, on stage one's videos (repeatable; default: the first three rows "
-                        "of the default table, or every --row; 'none': skip the end-to-end table)")
-    p.add_argument("--batch-size", type=int, default=8, help="videos per upscaler call (default: %(default)s)")
-    p.add_argument("--out", default="out/evaluate-sr.json", help="every score, per row, as JSON (default: %(default)s)")
+def knobs_of(args, clip, items, skipped, size, real=None, real_skipped=(), real_size=None):
+    knobs = {"videos": len(items), "skipped": len(skipped), "size": f"{size[1]}x{size[0]}",
+             "frames": args.frames or "all"}
+    if clip is not None:
+        knobs["CLIP"] = f"{clip_model.model_name(clip.config)} ({args.clip})"
+    if real is not None:
+        knobs.update({"FVD frames": f"the first {args.fvd_frames}, stride 1", "FVD resolution":
+                      "224 (short side, bilinear, centre crop)", "I3D": f"{args.i3d}, BatchNorm eps 1e-5",
+                      "real videos": f"{len(real)} ({len(real_skipped)} skipped) of {real_size[1]}x{real_size[0]}"})
+    return knobs
+
+
+def add_scoring_flags(p):
+    p.add_argument("--clip", required=True, metavar="PATH", help="CLIP weights: OpenAI's state dict (.pt or "
+                   ".safetensors; their TorchScript download is refused with how to convert it) or a transformers "
+                   "CLIPModel folder or file, e.g. ViT-B/32 (README: 'The paper's metrics')")
+    p.add_argument("--i3d", metavar="PATH", help="I3D weights for FVD: i3d_pretrained_400.pt (VideoGPT/TATS)")
+    p.add_argument("--real", metavar="DIR", help="real videos for FVD (needs --i3d)")
+    p.add_argument("--fvd-frames", type=int, default=FVD_FRAMES, help="frames per video for FVD (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+
+
+def check_scoring_flags(args):
+    if bool(args.i3d) != bool(args.real):
+        raise ValueError("FVD needs both --i3d (the I3D weights) and --real (a folder of real videos)")
+    if args.fvd_frames < i3d.MIN_FRAMES:
+        raise ValueError(f"--fvd-frames must be at least {i3d.MIN_FRAMES} (I3D's pooling), got {args.fvd_frames}")
+
+
+def real_features(args, detector):
+    if detector is None:
+        return None, [], None
+    real, skipped, size = video_features(video_files(args.real, "--real"), None, detector, None, args.fvd_frames, "real")
+    if len(real) < 2:
+        raise ValueError(f"FVD needs at least 2 real videos, got {len(real)}")
+    return real, skipped, size
+
+
+def write_scores(path, args, summary, per_video, knobs, items, skipped):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"args": vars(args), "summary": summary, "protocol": knobs, "skipped": skipped,
+                   "videos": [{"path": item["path"], **{k: v[i] for k, v in per_video.items()}}
+                              for i, item in enumerate(items)]}, f, indent=1)
+    print(f"(every score: {path})", file=sys.stderr)
+
+
+def main_videos(argv):
+    p = argparse.ArgumentParser(prog="evaluate.py videos", description="The paper's metrics of a folder of videos: "
+                                "CLIPSIM and frame consistency (CLIP), and FVD against real videos (I3D).")
+    p.add_argument("--videos", required=True, metavar="DIR", help=f"the videos ({', '.join(SCORED_EXTENSIONS)})")
+    p.add_argument("--prompts", required=True, metavar="FILE", help="their captions: a CSV with a caption column ("
+                   f"{', '.join(CAPTION_COLUMNS)}) and, to match by file name, an id column ({', '.join(ID_COLUMNS)}); "
+                   "or a text file of one caption a line, in the order of the file names")
+    add_scoring_flags(p)
+    p.add_argument("--frames", type=int, help="score the first N frames of each video (default: all)")
+    p.add_argument("--out", default="out/evaluate-videos.json", help="every score as JSON (default: %(default)s)")
     args = p.parse_args(argv)
     try:
-        rows = parse_rows(args.row) if args.row else SR_ROWS
-        missing = [(name, path) for name, path in rows if path not in (None, "bicubic") and not os.path.exists(path)]
-        if missing and args.row:
-            raise ValueError(f"row {missing[0][0]!r}: adapter file not found: {missing[0][1]}")
-        for name, path in missing:
-            print(f"skipping row {name!r}: no adapters at {path} (README: 'The demo's second stage')", file=sys.stderr)
-        rows = [row for row in rows if row not in missing]
-        chosen = args.end_to_end or [name for name, _ in rows if args.row or (name, _) in SR_ROWS[:3]]
-        if unknown := set(chosen) - {name for name, _ in rows} - {"none"}:
-            raise ValueError(f"--end-to-end {sorted(unknown)[0]!r} is not a row: pick from {[n for n, _ in rows]}")
-        chosen = [name for name in chosen if name != "none"]
-        if args.seeds < 1 or args.batch_size < 1:
-            raise ValueError("--seeds and --batch-size must be at least 1")
-        truth, captions, seeds = sr_clips(args.seeds)
-        low_res, truth_frames = resample(truth, 1 / simda.UPSCALE), to_frames(truth)
-        print(f"{len(captions)} clips of {truth.shape[2]} frames, {low_res.shape[-1]}x{low_res.shape[-2]} -> "
-              f"{truth.shape[-1]}x{truth.shape[-2]}; {args.steps} DDIM steps, guidance {args.guidance}, noise level "
-              f"{args.noise_level}", file=sys.stderr)
-        results, upscalers = {}, {}
-        for name, path in rows:
-            upscaler = None if path == "bicubic" else simda.load_upscaler(args.sr_ckpt, adapters=path)
-            upscalers[name] = upscaler
-            videos = upscale_all(upscaler, low_res, captions, seeds, args.steps, args.guidance, args.noise_level,
-                                 args.batch_size, name)
-            results[name] = sr_scores(videos, truth_frames, captions)
-            print(sr_table({name: results[name]}, SR_COLUMNS).splitlines()[-1], file=sys.stderr, flush=True)
-        chosen = {name: upscalers[name] for name in chosen}
-        end_to_end = sr_end_to_end(args, chosen) if chosen else {}
+        check_scoring_flags(args)
+        paths = video_files(args.videos)
+        captions = match_captions(paths, read_captions(args.prompts), args.prompts)
+        clip, tokenizer, detector = load_scorers(args, pick_device(args.device))
+        items, skipped, size = video_features(paths, clip, detector, args.frames, args.fvd_frames, "generated")
+        captions = [captions[paths.index(item["path"])] for item in items]
+        if detector is not None and len(items) < 2:
+            raise ValueError(f"FVD needs at least 2 videos, got {len(items)}")
+        real, real_skipped, real_size = real_features(args, detector)
     except ValueError as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "scores": results, "end_to_end": end_to_end}, f, indent=1)
-    print(sr_table(results, SR_COLUMNS))
-    if end_to_end:
-        print()
-        print(sr_table(end_to_end, SR_COLUMNS[3:]))
-    print(f"(every score: {args.out})", file=sys.stderr)
+    summary, per_video = paper_scores(items, captions, clip, tokenizer, real)
+    knobs = knobs_of(args, clip, items, skipped, size, real, real_skipped, real_size)
+    write_scores(args.out, args, summary, per_video, knobs, items, skipped)
+    print(paper_table(summary, knobs))
 
 
-def sr_end_to_end(args, upscalers):
-    """Stage one's videos from every caption (per seed), then each upscaler row on them: the tracker's
-    scores at 32x32 and at 128x128."""
-    pipe = simda.load_pipeline(args.ckpt, adapters=args.adapters)
-    jobs = prompts_and_seeds(args.seeds)
-    low, progress = [], Progress("stage one: videos", len(jobs))
-    for seed in range(args.seeds):
-        prompts = [p for p, s in jobs if s == seed]
-        low.append(pipe(prompts, shapes.FRAMES, shapes.SIZE, shapes.SIZE, args.t2v_steps, args.t2v_guidance,
-                        seed=seed, progress=False))
-        progress.show(len(low) * len(prompts))
-    low = torch.cat(low)
-    captions, seeds = [p for p, _ in jobs], [s for _, s in jobs]
-    results = {"stage one alone (32x32)": [shapes.score(v.numpy(), c) for v, c in zip(low, captions)]}
-    low_res = low.permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # b f h w 3 -> b 3 f h w, in [-1, 1]
-    for name, upscaler in upscalers.items():
-        videos = upscale_all(upscaler, low_res, captions, seeds, args.steps, args.guidance, args.noise_level,
-                             args.batch_size, f"end to end, {name}")
-        results[f"stage one + {name} (128x128)"] = [shapes.score(v.numpy(), c) for v, c in zip(videos, captions)]
-    return results
+T2V_SETTINGS = ("ckpt", "adapters", "prompts", "frames", "height", "width", "steps", "guidance", "seed", "clip", "i3d",
+                "fvd_frames")  # what a resumed t2v run must share with the run it continues
 
 
-def parse_rows(values):
-    rows = []
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name:
-            raise ValueError(f"--row takes NAME=ADAPTERS (ADAPTERS empty: the image model alone), got {value!r}")
-        rows.append((name, path or None))
-    return rows
+def output_names(rows):
+    """A file name per caption: its video id where the ids are unique, else its row number."""
+    keys = [key for key, _ in rows]
+    if None not in keys and len(set(keys)) == len(keys):
+        return [os.path.splitext(os.path.basename(k))[0] for k in keys]
+    return [f"{i:05d}" for i in range(len(rows))]
+
+
+def check_resume(out_dir, settings):
+    """Write the run's settings, or check them against those of the run this one continues."""
+    path = os.path.join(out_dir, "run.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        if changed := [k for k in T2V_SETTINGS if before.get(k) != settings[k]]:
+            what = ", ".join(f"{k}: {before.get(k)!r} then, {settings[k]!r} now" for k in changed)
+            raise ValueError(f"{out_dir} holds a run with other settings ({what}): use another --out-dir to start afresh")
+        return
+    write_atomic(path, lambda tmp: open(tmp, "w").write(json.dumps(settings, indent=1)))
+
+
+def save_features(path, item):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **{k: item[k] for k in ("clip", "i3d") if k in item})
+    write_atomic(path, write)
+
+
+def main_t2v(argv):
+    p = argparse.ArgumentParser(prog="evaluate.py t2v", description="The paper's MSR-VTT protocol: sample one video per "
+                                "caption with SD and SimDA adapters, then score them (CLIPSIM, frame consistency; FVD "
+                                "with --i3d and --real). Resumable: rerun the same command after a stop.")
+    p.add_argument("--ckpt", help=f"SD checkpoint (default: $SIMDA_CKPT, else {simda.DEFAULT_CHECKPOINT})")
+    p.add_argument("--adapters", help="SimDA adapters from train.py (default: none, the image model frame by frame)")
+    p.add_argument("--prompts", required=True, metavar="FILE", help="the captions, one video each: a CSV with a caption "
+                   "column (and an id column, which names the videos) or a text file of one caption a line")
+    add_scoring_flags(p)
+    p.add_argument("--out-dir", default="out/t2v", help="videos, their features and scores.json (default: %(default)s)")
+    p.add_argument("--frames", type=int, help="frames per video (default: the adapters' metadata, else 16)")
+    p.add_argument("--size", type=int, help="frame size (default: the adapters' metadata, else 256)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="video i starts from noise seeded by (seed, i) (default: 0)")
+    p.add_argument("--batch-size", type=int, default=4, help="videos per sampling call (default: %(default)s)")
+    p.add_argument("--limit", type=int, help="only the first N captions (default: all)")
+    p.add_argument("--format", choices=["mp4", "gif", "none"], default="mp4", help="how to keep each video for viewing "
+                   "(the scores use the frames as sampled, before any compression; default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="the SD pipeline's dtype; auto: float16 on CUDA, float32 elsewhere (default: auto)")
+    args = p.parse_args(argv)
+    names = []  # one file name per caption; the features of a finished video are what a resumed run skips
+    feature_path = lambda name: os.path.join(args.out_dir, "features", f"{name}.npz")  # noqa: E731
+    try:
+        check_scoring_flags(args)
+        if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+            raise ValueError("--batch-size and --limit must be at least 1")
+        rows = read_captions(args.prompts)[:args.limit]
+        ckpt = args.ckpt or simda.default_checkpoint()
+        meta = simda.read_adapters(args.adapters)[1] if args.adapters else {}
+        frames, height, width = resolve_shape(args.frames, args.size, defaults=[meta.get("frames", 16),
+                                              meta.get("height", 256), meta.get("width", 256)])
+        if args.i3d and frames < args.fvd_frames:
+            raise ValueError(f"FVD takes the first {args.fvd_frames} frames: sample at least that many (--frames)")
+        shape = {"ckpt": ckpt, "frames": frames, "height": height, "width": width}
+        settings = {k: shape[k] if k in shape else getattr(args, k) for k in T2V_SETTINGS}
+        os.makedirs(os.path.join(args.out_dir, "features"), exist_ok=True)
+        check_resume(args.out_dir, settings)
+        device = pick_device(args.device)
+        clip, tokenizer, detector = load_scorers(args, device)
+        real, real_skipped, real_size = real_features(args, detector)
+        names = output_names(rows)
+        todo = [i for i, name in enumerate(names) if not os.path.exists(feature_path(name))]
+        if todo:
+            pipe = simda.load_pipeline(ckpt, device, pick_dtype(args.dtype, device), adapters=args.adapters)
+        progress = Progress("t2v: videos", len(rows), done=len(rows) - len(todo))
+        factor = 8 if not todo else pipe.vae.config.downsample_factor
+        for j in range(0, len(todo), args.batch_size):
+            batch = todo[j:j + args.batch_size]
+            noise = torch.stack([torch.randn((pipe.vae.config.latent_channels, frames, height // factor, width // factor),
+                                             generator=data.generator(args.seed, "t2v", i)) for i in batch])
+            videos = pipe([rows[i][1] for i in batch], frames, height, width, args.steps, args.guidance, latents=noise,
+                          progress=False).numpy()
+            for i, video in zip(batch, videos):
+                if args.format != "none":
+                    save_video(video, os.path.join(args.out_dir, f"{names[i]}.{args.format}"))
+                save_features(feature_path(names[i]), features_of(video, clip, detector, args.fvd_frames))
+            progress.show(progress.done + len(batch))
+    except ValueError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    except KeyboardInterrupt:
+        done = sum(os.path.exists(feature_path(name)) for name in names)
+        p.exit(130, f"\ninterrupted: {done} of {len(names)} videos are done and kept in {args.out_dir}; run the same "
+                    "command again to go on\n")
+    items = []
+    for name in names:
+        with np.load(feature_path(name)) as f:
+            items.append({"path": feature_path(name), "frames": frames, **{k: f[k] for k in f.files}})
+    summary, per_video = paper_scores(items, [caption for _, caption in rows], clip, tokenizer, real)
+    knobs = knobs_of(args, clip, items, [], (height, width), real, real_skipped, real_size)
+    knobs.update({"sampling": f"{args.steps} DDIM steps, guidance {args.guidance}, seed {args.seed}"})
+    write_scores(os.path.join(args.out_dir, "scores.json"), args, summary, per_video, knobs, items, [])
+    print(paper_table(summary, knobs))
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["sr"]:
-        return main_sr(argv[1:])
-    p = argparse.ArgumentParser(description="Score sampled videos of the shapes world with the tracker: the "
-                                            "ablation table of the demo model (README).")
-    p.add_argument("--ckpt", default=simda.DEMO_CHECKPOINT, help="image model (default: the demo model)")
-    p.add_argument("--row", action="append", default=[], metavar="NAME=ADAPTERS",
-                   help="(sub-command 'sr': the second stage, see `evaluate.py sr --help`) "
-                        "a row: its name and adapter file (empty: the image model frame by frame); repeatable "
-                        "(default: the five rows of the README)")
-    p.add_argument("--seeds", type=int, default=2, help="videos per caption, 48 captions (default: %(default)s)")
-    p.add_argument("--frames", type=int, help=f"frames per video (default: the adapters' metadata, else {shapes.FRAMES})")
-    p.add_argument("--size", type=int, help=f"frame size (default: the adapters' metadata, else {shapes.SIZE})")
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=48, help="videos per sampling call (default: %(default)s)")
-    p.add_argument("--out", default="out/evaluate.json", help="every score, per row, as JSON (default: %(default)s)")
-    p.add_argument("--save-videos", metavar="DIR", help="also write every sampled video as a GIF under DIR/<row>/")
-    args = p.parse_args(argv)
-    try:
-        rows = parse_rows(args.row) if args.row else ROWS
-        for name, path in rows:
-            if path and not os.path.exists(path):
-                if args.row:
-                    raise ValueError(f"row {name!r}: adapter file not found: {path}")
-                print(f"skipping row {name!r}: no adapters at {path} (README: 'The demo model' says how to "
-                      f"train them)", file=sys.stderr)
-        rows = [(name, path) for name, path in rows if not path or os.path.exists(path)]
-        if args.seeds < 1 or args.batch_size < 1:
-            raise ValueError("--seeds and --batch-size must be at least 1")
-        jobs = prompts_and_seeds(args.seeds)
-        results, everything = {}, {}
-        for name, path in rows:
-            meta = simda.read_adapters(path)[1] if path else {}
-            frames, height, width = resolve_shape(args.frames, args.size, defaults=[
-                meta.get("frames", shapes.FRAMES), meta.get("height", shapes.SIZE), meta.get("width", shapes.SIZE)])
-            print(f"{name}: {len(jobs)} videos of {frames} frames at {width}x{height}, {args.steps} DDIM steps, "
-                  f"guidance {args.guidance}", file=sys.stderr, flush=True)
-            pipe = simda.load_pipeline(args.ckpt, adapters=path)
-            save_dir = os.path.join(args.save_videos, name.replace(" ", "-").replace(",", "")) if args.save_videos else None
-            if save_dir:
-                os.makedirs(save_dir, exist_ok=True)
-            scores = evaluate_row(pipe, jobs, frames, height, width, args.steps, args.guidance, args.batch_size, save_dir)
-            results[name], everything[name] = shapes.summarise(scores), scores
-            print(table({name: results[name]}).splitlines()[-1], file=sys.stderr, flush=True)
-    except ValueError as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "summary": results, "scores": everything}, f, indent=1)
-    print(table(results))
-    print(f"(every score: {args.out})", file=sys.stderr)
+    commands = {"sr": shapes_eval.main_sr, "videos": main_videos, "t2v": main_t2v, "shapes": shapes_eval.main_shapes}
+    if argv[:1] and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return
+    return shapes_eval.main_shapes(argv)  # no sub-command: the demo's ablation table, as before
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import imageio.v2 as imageio
 import numpy as np
 import torch
 
-import evaluate
+import shapes_eval
 import metrics
 import sample
 import shapes
@@ -18,7 +18,7 @@ CLIPS, STEPS, MARGIN = 6, 4, 0.75  # dB over bicubic, on clips the training neve
 
 @torch.no_grad()
 def test_the_shipped_video_upscaler_beats_bicubic_against_the_truth():
-    truth, captions, _ = evaluate.sr_clips(1)
+    truth, captions, _ = shapes_eval.sr_clips(1)
     truth, captions = truth[:CLIPS], captions[:CLIPS]
     low_res, true_frames = resample(truth, 1 / simda.UPSCALE), to_frames(truth)
     pipe = simda.load_upscaler(simda.DEMO_UPSCALER, adapters=simda.DEMO_SR_ADAPTERS)

@@ -1,6 +1,5 @@
 """simda.load_pipeline: the official single-file layout, .ckpt pickles, diffusers folders, and the
 errors a user sees for a checkpoint that is missing, of another family, or does not fit."""
-import os
 
 import pytest
 import torch

@@ -65,3 +65,52 @@ def test_bad_shapes_are_clear_errors():
         metrics.psnr(noisy[:, :2], truth)
     with pytest.raises(ValueError, match="at least 2 frames"):
         metrics.flicker(noisy[:, :1], truth[:, :1])
+
+
+def frechet_by_svd(a, b):
+    """The Frechet distance written another way: tr sqrt(S1^1/2 S2 S1^1/2) is the nuclear norm (the sum of
+    singular values) of S1^1/2 S2^1/2, each root from an SVD of the symmetric covariance."""
+    def root(s):
+        u, values, _ = np.linalg.svd(s)
+        return (u * np.sqrt(values)) @ u.T
+
+    ca, cb = np.cov(a.T), np.cov(b.T)
+    nuclear = np.linalg.svd(root(ca) @ root(cb), compute_uv=False).sum()
+    return ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(ca) + np.trace(cb) - 2 * nuclear
+
+
+def test_frechet_distance_matches_a_direct_formula():
+    g = np.random.default_rng(0)
+    mix = g.normal(size=(24, 24))
+    a = g.normal(size=(300, 24)) @ mix
+    b = 0.8 * g.normal(size=(200, 24)) @ (mix + 0.3 * g.normal(size=(24, 24))) + 0.5
+    ours, direct = metrics.frechet_distance(a, b), frechet_by_svd(a, b)
+    assert abs(ours - direct) <= 1e-9 * direct
+    assert abs(metrics.frechet_distance(a, a)) < 1e-8 * np.trace(np.cov(a.T))
+    # fewer videos than features: singular covariances, still real and finite
+    assert np.isfinite(metrics.frechet_distance(a[:10], b[:12]))
+    assert abs(metrics.frechet_distance(a[:10], b[:12]) - frechet_by_svd(a[:10], b[:12])) < 1e-6 * frechet_by_svd(a[:10], b[:12])
+
+
+def test_frechet_distance_of_diagonal_gaussians_has_its_closed_form():
+    """Sets whose sample covariances are exactly diagonal: FD = |mu1 - mu2|^2 + sum (sigma1 - sigma2)^2."""
+    g = np.random.default_rng(1)
+    n, d = 64, 5
+
+    def white(seed_matrix):  # n samples of d features: mean exactly 0, unbiased covariance exactly I
+        centred = seed_matrix - seed_matrix.mean(0)
+        return np.linalg.qr(centred)[0] * np.sqrt(n - 1)
+
+    sa, sb = np.array([1.0, 2.0, 0.5, 3.0, 1.5]), np.array([2.0, 1.0, 0.5, 1.0, 4.0])
+    ma, mb = g.normal(size=d), g.normal(size=d)
+    a, b = white(g.normal(size=(n, d))) * sa + ma, white(g.normal(size=(n, d))) * sb + mb
+    assert np.allclose(np.cov(a.T), np.diag(sa ** 2)) and np.allclose(np.cov(b.T), np.diag(sb ** 2))
+    expected = ((ma - mb) ** 2).sum() + ((sa - sb) ** 2).sum()
+    assert abs(metrics.frechet_distance(a, b) - expected) < 1e-9
+
+
+def test_frechet_distance_refuses_sets_without_a_covariance():
+    with pytest.raises(ValueError, match="at least 2 videos"):
+        metrics.frechet_distance(np.zeros((1, 4)), np.zeros((5, 4)))
+    with pytest.raises(ValueError, match="one width"):
+        metrics.frechet_distance(np.zeros((3, 4)), np.zeros((3, 5)))

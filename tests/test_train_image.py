@@ -2,7 +2,6 @@
 that simda.load_pipeline loads, and a run stopped at a save equals a run of that many steps (the
 training does not depend on the total step count), which is how the shipped model was made."""
 import math
-import os
 import shutil
 
 import torch

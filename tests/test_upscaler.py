@@ -540,7 +540,7 @@ def test_fresh_video_upscaler_starts_as_the_image_upscaler_frame_by_frame(x4_fil
     out = video_upscale(video, *inputs)
     assert out.shape == (1, 3, 4, 32, 48)
     errs = frame_errors(out, expected)
-    print(f"\nfresh video upscaler vs the image upscaler per frame, latent shift on: rel_err per frame "
+    print("\nfresh video upscaler vs the image upscaler per frame, latent shift on: rel_err per frame "
           + ", ".join(f"{e:.1e}" for e in errs))
     assert errs[0] <= identity
     assert min(errs[1:]) > 1e-3  # frame 1 too: at the 2x3 deepest level one token is shifted by 1
