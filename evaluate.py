@@ -290,7 +290,7 @@ def main_t2v(argv):
     p.add_argument("--format", choices=["mp4", "gif", "none"], default="mp4", help="how to keep each video for viewing "
                    "(the scores use the frames as sampled, before any compression; default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="the SD pipeline's dtype; auto: float16 on CUDA, float32 elsewhere (default: auto)")
+                   help="the SD pipeline's dtype; auto: float16 on CUDA, bfloat16 on a CPU with AMX or AVX512-BF16, else float32 (default: auto)")
     args = p.parse_args(argv)
     names = []  # one file name per caption; the features of a finished video are what a resumed run skips
     feature_path = lambda name: os.path.join(args.out_dir, "features", f"{name}.npz")  # noqa: E731

@@ -25,23 +25,47 @@ def pick_device(name="auto"):
     return device
 
 
+def cpu_flags(path="/proc/cpuinfo"):
+    """The CPU's feature flags (Linux; an empty set elsewhere)."""
+    try:
+        with open(path) as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def fast_cpu_bfloat16(flags=None):
+    """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16), where bfloat16 runs the
+    UNet about 3x faster than float32; on an AVX2-only CPU bfloat16 is emulated and slower."""
+    return bool((cpu_flags() if flags is None else flags) & {"amx_bf16", "avx512_bf16"})
+
+
 def pick_dtype(name, device):
-    """The weights' dtype for sampling. auto: float16 on CUDA, float32 elsewhere (CPU half kernels
-    are slow, MPS half is fragile)."""
+    """The weights' dtype for sampling. auto: float16 on CUDA; bfloat16 on a CPU that runs it in
+    hardware (fast_cpu_bfloat16), float32 on other CPUs (emulated half types are slow) and on MPS
+    (half is fragile there). The pipeline keeps the VAE and the DDIM arithmetic in float32."""
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if device.type == "cpu" and fast_cpu_bfloat16() else torch.float32
     return DTYPES[name]
 
 
 def autocast_dtype(name, device):
     """The autocast dtype for training (the weights stay float32). auto: bfloat16 on CUDA where
-    supported, else float16 (with a grad scaler); float32 off CUDA."""
+    supported, else float16 (with a grad scaler); on the CPU bfloat16 where it runs in hardware,
+    else float32."""
     if name == "auto":
+        if device.type == "cpu":
+            return torch.bfloat16 if fast_cpu_bfloat16() else torch.float32
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if DTYPES[name] != torch.float32 and device.type != "cuda":
-        raise ValueError(f"--precision {name} needs CUDA; this run is on {device.type}")
+    if DTYPES[name] == torch.float16 and device.type != "cuda":
+        raise ValueError(f"--precision float16 needs CUDA (it needs a grad scaler); this run is on {device.type}: "
+                         "use bfloat16")
+    if DTYPES[name] == torch.bfloat16 and device.type not in ("cuda", "cpu"):
+        raise ValueError(f"--precision bfloat16 runs on CUDA or the CPU; this run is on {device.type}")
     return DTYPES[name]
 
 

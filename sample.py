@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 
+import torch
 from safetensors import safe_open
 
 import data
@@ -108,7 +109,9 @@ def build_parser():
     add("--grid", action="store_true", help="also write the frames as a PNG strip beside each video (<out stem>.png)")
     add("--device", default="auto", help="auto: CUDA, else MPS, else CPU; or a device such as cuda:1 (default: auto)")
     add("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-        help="auto: float16 on CUDA, float32 elsewhere (default: auto)")
+        help="auto: float16 on CUDA, bfloat16 on a CPU with AMX or AVX512-BF16 (the VAE stays float32), else float32 (default: auto)")
+    add("--compile", action="store_true", help="torch.compile the UNet: a slow first step, faster steps after "
+                                               "(worth it for many steps or videos; measured in bench.py)")
     edit = p.add_mutually_exclusive_group()
     edit.add_argument("--edit", metavar="CLIP", help="edit this clip: start from the DDIM inversion of its latents, "
                                                      "saved as <out stem>.inverted.safetensors")
@@ -231,6 +234,8 @@ def run(args):
         if not adapters:
             print("no --adapters: the plain image model samples every frame on its own", file=sys.stderr)
         check_shape(frames, height, width, pipe.vae.config.downsample_factor)
+        if args.compile:  # compiled on the first step (a minute or more), then faster: bench.py --sampling --compile
+            pipe.unet = torch.compile(pipe.unet)
     if sr_ckpt is not None:
         print(f"loading the upscaler {sr_ckpt}", file=sys.stderr)
         upscaler = simda.load_upscaler(sr_ckpt, device, dtype, adapters=sr_adapters)

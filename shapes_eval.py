@@ -24,7 +24,7 @@ import torch
 import metrics
 import shapes
 import simda
-from runtime import Progress
+from runtime import Progress, pick_dtype
 from video import resample, resolve_shape, save_video, to_frames
 
 ROWS = [
@@ -248,6 +248,9 @@ def main_shapes(argv):
     p.add_argument("--batch-size", type=int, default=48, help="videos per sampling call (default: %(default)s)")
     p.add_argument("--out", default="out/evaluate.json", help="every score, per row, as JSON (default: %(default)s)")
     p.add_argument("--save-videos", metavar="DIR", help="also write every sampled video as a GIF under DIR/<row>/")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
+                   help="the models' dtype on the CPU (auto: runtime.pick_dtype; default: %(default)s, as the README's "
+                        "table)")
     args = p.parse_args(argv)
     try:
         rows = parse_rows(args.row) if args.row else ROWS
@@ -268,7 +271,7 @@ def main_shapes(argv):
                 meta.get("frames", shapes.FRAMES), meta.get("height", shapes.SIZE), meta.get("width", shapes.SIZE)])
             print(f"{name}: {len(jobs)} videos of {frames} frames at {width}x{height}, {args.steps} DDIM steps, "
                   f"guidance {args.guidance}", file=sys.stderr, flush=True)
-            pipe = simda.load_pipeline(args.ckpt, adapters=path)
+            pipe = simda.load_pipeline(args.ckpt, dtype=pick_dtype(args.dtype, torch.device("cpu")), adapters=path)
             save_dir = os.path.join(args.save_videos, name.replace(" ", "-").replace(",", "")) if args.save_videos else None
             if save_dir:
                 os.makedirs(save_dir, exist_ok=True)

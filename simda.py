@@ -264,6 +264,8 @@ def _load(path, device, dtype, adapters, simda_config, prediction, upscaler):
     if trained:
         why = f"the adapters were trained so ({os.fspath(adapters)})"
     pipe = Pipeline(*models, family.name, prediction, why, family.latent_scale, ddim.make_alphas_cumprod(*family.betas))
+    if torch.device(device).type == "cpu" and dtype != torch.float32:
+        pipe.vae.float()  # the VAE decode stays float32 on the CPU: half-type convolutions gain little there
     if adapter_weights is not None and meta.get("family", pipe.family) != pipe.family:
         trained_on = f" ({meta['checkpoint']})" if meta.get("checkpoint") else ""
         raise CheckpointError(f"{adapters} holds adapters trained on {meta['family']}{trained_on}, "

@@ -96,7 +96,7 @@ def build_parser():
     p.add_argument("--device", default="auto", help="auto: CUDA, else MPS, else CPU; or a torch device (default: %(default)s)")
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="autocast dtype (weights stay float32); auto: bfloat16 on CUDA if supported, else float16 "
-                        "with a grad scaler; float32 off CUDA (default: %(default)s)")
+                        "with a grad scaler; on the CPU bfloat16 where AMX or AVX512-BF16 runs it, else float32 (default: %(default)s)")
     p.add_argument("--save-every", type=int, default=500,
                    help="save adapters and state every N steps, and at the end (default: %(default)s)")
     p.add_argument("--sample-every", type=int, default=500,

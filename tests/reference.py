@@ -6,37 +6,15 @@ import os
 import shutil
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler
+from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint,
                                                  convert_open_clip_checkpoint)
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
-from bench import peer_unet
+from bench import diffusers_vae_config, peer_unet, sd_ddim_scheduler, transformers_clip_config  # noqa: F401
 from checkpoint import OPEN_CLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, ldm_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def sd_ddim_scheduler(prediction_type="epsilon"):
-    """diffusers' DDIMScheduler as SD's scheduler configs set it ("epsilon" for SD 1.x and 2.x-base,
-    "v_prediction" for SD 2.x 768-v). timestep_spacing="leading" is diffusers' default, said here so
-    that the reference does not move if that default does."""
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
-                         prediction_type=prediction_type)
-
-
-def diffusers_vae_config(c):
-    n = len(c.channel_mult)
-    return dict(in_channels=c.image_channels, out_channels=c.image_channels, latent_channels=c.latent_channels,
-                block_out_channels=[c.base_channels * m for m in c.channel_mult], layers_per_block=c.num_res_blocks,
-                norm_num_groups=32, down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n)
-
-
-def transformers_clip_config(c):
-    return CLIPTextConfig(vocab_size=c.vocab_size, max_position_embeddings=c.max_length, hidden_size=c.width,
-                          intermediate_size=4 * c.width, num_hidden_layers=c.layers, num_attention_heads=c.heads,
-                          hidden_act=c.hidden_act, layer_norm_eps=1e-5)
 
 
 def _build(model_class, config, sd):
