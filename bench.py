@@ -377,6 +377,10 @@ def matmul_peak(device, dtype, n=4096, repeats=3):
     return 2 * n ** 3 / min(times["matmul"])
 
 
+# dense bfloat16 peaks from the vendors' data sheets (FLOP/s), by a piece of torch.cuda.get_device_name()
+CARD_BF16_PEAKS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+
+
 def unet_flops(model, *inputs):
     """The FLOPs of one forward, from torch's flop counter (matmuls and convolutions)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -414,6 +418,11 @@ def bench_forward(args, device):
               f"{flops / 1e9:.4g} GFLOP a forward, {flops / median[f'ours, {name}'] / 1e9:.4g} GFLOP/s = "
               f"{100 * flops / median[f'ours, {name}'] / peak:.3g}% of a 4096^3 {name} matmul's "
               f"{peak / 1e9:.4g} GFLOP/s")
+        card = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+        spec = next((p for key, p in CARD_BF16_PEAKS if key in card), None)
+        if spec and dtype in (torch.bfloat16, torch.float16):
+            print(f"MFU: {100 * flops / median[f'ours, {name}'] / spec:.3g}% of the {card}'s dense 16-bit peak "
+                  f"{spec / 1e12:.0f} TFLOP/s (target >= 40%)")
 
 
 def main():

@@ -12,6 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the suite compares float32 results on every machine: `auto` stays float32 even on a bfloat16 CPU
+# (tests/test_precision.py checks the bfloat16 choice itself); child processes inherit it
+os.environ["SIMDA_CPU_BFLOAT16"] = "0"
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
