@@ -110,7 +110,8 @@ def video_features(paths, clip, detector, frames, fvd_frames, what):
     progress = Progress(f"{what}: videos", len(paths))
     for path in paths:
         try:
-            video = data.read_frames(path, frames)
+            # FVD alone (the real set) needs only its first frames: a long clip is not decoded to its end
+            video = data.read_frames(path, fvd_frames if clip is None else frames)
             if detector is not None and len(video) < fvd_frames:
                 raise data.VideoError(f"{path}: too short for FVD: {len(video)} frames, need {fvd_frames}")
         except data.VideoError as e:
@@ -169,7 +170,8 @@ def knobs_of(args, clip, items, skipped, size, real=None, real_skipped=(), real_
         knobs["CLIP"] = f"{clip_model.model_name(clip.config)} ({args.clip})"
     if real is not None:
         knobs.update({"FVD frames": f"the first {args.fvd_frames}, stride 1", "FVD resolution":
-                      "224 (short side, bilinear, centre crop)", "I3D": f"{args.i3d}, BatchNorm eps 1e-5",
+                      f"{i3d.SIZE}x{i3d.SIZE} (every frame stretched, bilinear, as TATS and cd-fvd)",
+                      "I3D": f"{args.i3d}, BatchNorm eps {i3d.BATCH_NORM_EPS:g}",
                       "real videos": f"{len(real)} ({len(real_skipped)} skipped) of {real_size[1]}x{real_size[0]}"})
     return knobs
 
