@@ -4,12 +4,13 @@
     python evaluate.py t2v --ckpt SD --adapters A --prompts msrvtt_test.csv --clip CLIP [--i3d I3D --real DIR]
     python evaluate.py shapes     # (or no sub-command) the demo's ablation table on the shapes world
     python evaluate.py sr         # the demo's second stage against its truth
+    python evaluate.py i2v        # the demo's image-to-video and continuation on unseen first frames
 
-`videos` and `t2v` measure what the paper reports (README: "The paper's metrics"): CLIPSIM and frame
+`videos` and `t2v` measure what the paper reports (docs/metrics.md): CLIPSIM and frame
 consistency with CLIP (clip_model.py), FVD against real videos with I3D (i3d.py), the formulas in
 metrics.py. `t2v` is the paper's MSR-VTT protocol: one video per caption, sampled in batches,
 resumable (each finished video's features are kept, so a rerun goes on where a kill stopped it),
-then scored. `shapes` and `sr` live in shapes_eval.py.
+then scored. `shapes`, `sr` and `i2v` live in shapes_eval.py.
 """
 import argparse
 import csv
@@ -179,7 +180,7 @@ def knobs_of(args, clip, items, skipped, size, real=None, real_skipped=(), real_
 def add_scoring_flags(p):
     p.add_argument("--clip", required=True, metavar="PATH", help="CLIP weights: OpenAI's state dict (.pt or "
                    ".safetensors; their TorchScript download is refused with how to convert it) or a transformers "
-                   "CLIPModel folder or file, e.g. ViT-B/32 (README: 'The paper's metrics')")
+                   "CLIPModel folder or file, e.g. ViT-B/32 (docs/metrics.md)")
     p.add_argument("--i3d", metavar="PATH", help="I3D weights for FVD: i3d_pretrained_400.pt (VideoGPT/TATS)")
     p.add_argument("--real", metavar="DIR", help="real videos for FVD (needs --i3d)")
     p.add_argument("--fvd-frames", type=int, default=FVD_FRAMES, help="frames per video for FVD (default: %(default)s)")
@@ -240,8 +241,8 @@ def main_videos(argv):
     print(paper_table(summary, knobs))
 
 
-T2V_SETTINGS = ("ckpt", "adapters", "prompts", "frames", "height", "width", "steps", "guidance", "seed", "clip", "i3d",
-                "fvd_frames")  # what a resumed t2v run must share with the run it continues
+T2V_SETTINGS = ("ckpt", "adapters", "prompts", "frames", "height", "width", "sampler", "steps", "guidance", "seed", "clip",
+                "i3d", "fvd_frames")  # what a resumed t2v run must share with the run it continues
 
 
 def output_names(rows):
@@ -257,7 +258,7 @@ def check_resume(out_dir, settings):
     path = os.path.join(out_dir, "run.json")
     if os.path.exists(path):
         with open(path) as f:
-            before = json.load(f)
+            before = {"sampler": "ddim", **json.load(f)}  # runs from before --sampler all sampled with DDIM
         if changed := [k for k in T2V_SETTINGS if before.get(k) != settings[k]]:
             what = ", ".join(f"{k}: {before.get(k)!r} then, {settings[k]!r} now" for k in changed)
             raise ValueError(f"{out_dir} holds a run with other settings ({what}): use another --out-dir to start afresh")
@@ -272,7 +273,7 @@ def save_features(path, item):
     write_atomic(path, write)
 
 
-def main_t2v(argv):
+def t2v_parser():
     p = argparse.ArgumentParser(prog="evaluate.py t2v", description="The paper's MSR-VTT protocol: sample one video per "
                                 "caption with SD and SimDA adapters, then score them (CLIPSIM, frame consistency; FVD "
                                 "with --i3d and --real). Resumable: rerun the same command after a stop.")
@@ -284,7 +285,9 @@ def main_t2v(argv):
     p.add_argument("--out-dir", default="out/t2v", help="videos, their features and scores.json (default: %(default)s)")
     p.add_argument("--frames", type=int, help="frames per video (default: the adapters' metadata, else 16)")
     p.add_argument("--size", type=int, help="frame size (default: the adapters' metadata, else 256)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
+    p.add_argument("--sampler", choices=list(simda.SAMPLERS), default="ddim",
+                   help="ddim (the paper's and SimDA's code's) or dpm++ (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="video i starts from noise seeded by (seed, i) (default: 0)")
     p.add_argument("--batch-size", type=int, default=4, help="videos per sampling call (default: %(default)s)")
@@ -293,44 +296,63 @@ def main_t2v(argv):
                    "(the scores use the frames as sampled, before any compression; default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="the SD pipeline's dtype; auto: float16 on CUDA, bfloat16 on a CPU with AMX or AVX512-BF16, else float32 (default: auto)")
+    return p
+
+
+def t2v_settings(args):
+    """(captions, checkpoint, (frames, height, width), the settings a resumed run must share), checked."""
+    check_scoring_flags(args)
+    simda.check_sampling(args.sampler, args.steps)
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise ValueError("--batch-size and --limit must be at least 1")
+    rows = read_captions(args.prompts)[:args.limit]
+    ckpt = args.ckpt or simda.default_checkpoint()
+    meta = simda.read_adapters(args.adapters)[1] if args.adapters else {}
+    shape = resolve_shape(args.frames, args.size, defaults=[meta.get("frames", 16), meta.get("height", 256),
+                                                            meta.get("width", 256)])
+    if args.i3d and shape[0] < args.fvd_frames:
+        raise ValueError(f"FVD takes the first {args.fvd_frames} frames: sample at least that many (--frames)")
+    known = {"ckpt": ckpt, "frames": shape[0], "height": shape[1], "width": shape[2]}
+    return rows, ckpt, shape, {k: known[k] if k in known else getattr(args, k) for k in T2V_SETTINGS}
+
+
+def sample_missing(args, ckpt, rows, names, shape, scorers, feature_path, device):
+    """Sample, keep and featurise the videos whose features are not on the disk yet, in batches."""
+    clip, _, detector = scorers
+    frames, height, width = shape
+    todo = [i for i, name in enumerate(names) if not os.path.exists(feature_path(name))]
+    progress = Progress("t2v: videos", len(rows), done=len(rows) - len(todo))
+    if not todo:
+        return
+    pipe = simda.load_pipeline(ckpt, device, pick_dtype(args.dtype, device), adapters=args.adapters)
+    factor, channels = pipe.vae.config.downsample_factor, pipe.vae.config.latent_channels
+    for j in range(0, len(todo), args.batch_size):
+        batch = todo[j:j + args.batch_size]
+        noise = torch.stack([torch.randn((channels, frames, height // factor, width // factor),
+                                         generator=data.generator(args.seed, "t2v", i)) for i in batch])
+        videos = pipe([rows[i][1] for i in batch], frames, height, width, args.steps, args.guidance, latents=noise,
+                      progress=False, sampler=args.sampler).numpy()
+        for i, video in zip(batch, videos):
+            if args.format != "none":
+                save_video(video, os.path.join(args.out_dir, f"{names[i]}.{args.format}"))
+            save_features(feature_path(names[i]), features_of(video, clip, detector, args.fvd_frames))
+        progress.show(progress.done + len(batch))
+
+
+def main_t2v(argv):
+    p = t2v_parser()
     args = p.parse_args(argv)
     names = []  # one file name per caption; the features of a finished video are what a resumed run skips
     feature_path = lambda name: os.path.join(args.out_dir, "features", f"{name}.npz")  # noqa: E731
     try:
-        check_scoring_flags(args)
-        if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-            raise ValueError("--batch-size and --limit must be at least 1")
-        rows = read_captions(args.prompts)[:args.limit]
-        ckpt = args.ckpt or simda.default_checkpoint()
-        meta = simda.read_adapters(args.adapters)[1] if args.adapters else {}
-        frames, height, width = resolve_shape(args.frames, args.size, defaults=[meta.get("frames", 16),
-                                              meta.get("height", 256), meta.get("width", 256)])
-        if args.i3d and frames < args.fvd_frames:
-            raise ValueError(f"FVD takes the first {args.fvd_frames} frames: sample at least that many (--frames)")
-        shape = {"ckpt": ckpt, "frames": frames, "height": height, "width": width}
-        settings = {k: shape[k] if k in shape else getattr(args, k) for k in T2V_SETTINGS}
+        rows, ckpt, shape, settings = t2v_settings(args)
         os.makedirs(os.path.join(args.out_dir, "features"), exist_ok=True)
         check_resume(args.out_dir, settings)
         device = pick_device(args.device)
-        clip, tokenizer, detector = load_scorers(args, device)
+        scorers = clip, tokenizer, detector = load_scorers(args, device)
         real, real_skipped, real_size = real_features(args, detector)
         names = output_names(rows)
-        todo = [i for i, name in enumerate(names) if not os.path.exists(feature_path(name))]
-        if todo:
-            pipe = simda.load_pipeline(ckpt, device, pick_dtype(args.dtype, device), adapters=args.adapters)
-        progress = Progress("t2v: videos", len(rows), done=len(rows) - len(todo))
-        factor = 8 if not todo else pipe.vae.config.downsample_factor
-        for j in range(0, len(todo), args.batch_size):
-            batch = todo[j:j + args.batch_size]
-            noise = torch.stack([torch.randn((pipe.vae.config.latent_channels, frames, height // factor, width // factor),
-                                             generator=data.generator(args.seed, "t2v", i)) for i in batch])
-            videos = pipe([rows[i][1] for i in batch], frames, height, width, args.steps, args.guidance, latents=noise,
-                          progress=False).numpy()
-            for i, video in zip(batch, videos):
-                if args.format != "none":
-                    save_video(video, os.path.join(args.out_dir, f"{names[i]}.{args.format}"))
-                save_features(feature_path(names[i]), features_of(video, clip, detector, args.fvd_frames))
-            progress.show(progress.done + len(batch))
+        sample_missing(args, ckpt, rows, names, shape, scorers, feature_path, device)
     except ValueError as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     except KeyboardInterrupt:
@@ -340,17 +362,18 @@ def main_t2v(argv):
     items = []
     for name in names:
         with np.load(feature_path(name)) as f:
-            items.append({"path": feature_path(name), "frames": frames, **{k: f[k] for k in f.files}})
+            items.append({"path": feature_path(name), "frames": shape[0], **{k: f[k] for k in f.files}})
     summary, per_video = paper_scores(items, [caption for _, caption in rows], clip, tokenizer, real)
-    knobs = knobs_of(args, clip, items, [], (height, width), real, real_skipped, real_size)
-    knobs.update({"sampling": f"{args.steps} DDIM steps, guidance {args.guidance}, seed {args.seed}"})
+    knobs = knobs_of(args, clip, items, [], shape[1:], real, real_skipped, real_size)
+    knobs.update({"sampling": f"{args.steps} {args.sampler} steps, guidance {args.guidance}, seed {args.seed}"})
     write_scores(os.path.join(args.out_dir, "scores.json"), args, summary, per_video, knobs, items, [])
     print(paper_table(summary, knobs))
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = {"sr": shapes_eval.main_sr, "videos": main_videos, "t2v": main_t2v, "shapes": shapes_eval.main_shapes}
+    commands = {"sr": shapes_eval.main_sr, "videos": main_videos, "t2v": main_t2v, "shapes": shapes_eval.main_shapes,
+                "i2v": shapes_eval.main_i2v}
     if argv[:1] and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     if argv[:1] in (["-h"], ["--help"]):

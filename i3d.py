@@ -7,7 +7,7 @@ parameter names. It is read with checkpoint.read_state_dict, which unpickles not
 
 The FVD feature of a video is the network's 400 logits averaged over time. BatchNorm's epsilon is
 1e-5, as in that conversion; the TF original (Sonnet) used 1e-3. We follow the conversion whose
-weights we load (the README says how far the choice moves features and FVD).
+weights we load (docs/metrics.md says how far the choice moves features and FVD).
 
 Every convolution and max pool pads as TF's "SAME" does: the padding is computed from the input size
 and the stride, and an odd pixel of padding goes on the far side. After Mixed_5c: a 2x7x7 average
@@ -135,7 +135,8 @@ def preprocess(videos):
 
 def load_i3d(path, device="cpu", dtype=torch.float32) -> I3D:
     """I3D with the weights of `i3d_pretrained_400.pt` (or the same tensors as .safetensors), loaded
-    strictly, in eval mode on `device` in `dtype`."""
+    strictly (every weight and statistic; the BatchNorm counters `num_batches_tracked` may be absent), in
+    eval mode on `device` in `dtype`."""
     if checkpoint.is_torchscript(path):  # e.g. StyleGAN-V's i3d_torchscript.pt: another key layout
         raise checkpoint.CheckpointError(
             f"{path} is a TorchScript archive, not the expected layout: need {EXPECTED_LAYOUT}. Converting a "
@@ -143,6 +144,10 @@ def load_i3d(path, device="cpu", dtype=torch.float32) -> I3D:
     sd = checkpoint.read_state_dict(path)
     weight = sd.get("logits.conv3d.weight")
     model = I3D(weight.shape[0] if weight is not None and weight.dim() == 5 else 400)
+    # BatchNorm's step counter plays no part in evaluation, and files saved before PyTorch 0.4.1 (or
+    # converted without a BatchNorm module) lack it: fill it in, as torch's own BatchNorm loader does
+    counters = {k: v for k, v in model.state_dict().items() if k.endswith(".num_batches_tracked") and k not in sd}
+    sd = {**sd, **counters}
     if problems := checkpoint.key_problems(model.state_dict(), sd):
         raise checkpoint.CheckpointError(f"{path} does not fit: expected {EXPECTED_LAYOUT}; "
                                          + "; ".join(problems))

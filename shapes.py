@@ -6,7 +6,7 @@ Everything is drawn from the seed: start position, speed (pixels per frame) and 
 that the whole shape stays inside the frame for the whole clip. Behind the shape fades a trail,
 three faint copies of it (as a long exposure leaves), so that one frame shows which way the shape
 moves, as a photo shows which way a runner faces: it gives the motion words something to mean to an
-image model trained on single frames (README: "What it took"). The trail stays nearer the
+image model trained on single frames (docs/demo.md: "What it took"). The trail stays nearer the
 background than the tracker's NEAR_BACKGROUND, so it never counts as the object. Edges are anti-aliased (each pixel's colour is the shape's coverage of a 4x4
 grid of sub-pixel samples), so sub-pixel speeds move the centroid smoothly. `sample(i)` goes
 through all 48 combinations in each block of 48;
@@ -53,6 +53,12 @@ def parse_caption(text):
                          f"DIRECTION' with COLOUR in {list(COLOURS)}, SHAPE in {list(SHAPES)}, "
                          f"DIRECTION in {list(DIRECTIONS)}")
     return m[1], m[2], m[3]
+
+
+def unknown_words(prompt):
+    """The words of `prompt` that the world's captions never use (e.g. 'dog', 'surfing'), in order."""
+    known = {"a", "an", "moving", *COLOURS, *SHAPES, *DIRECTIONS}
+    return [w for w in re.findall(r"[a-z']+", str(prompt).lower()) if w not in known]
 
 
 def coverage(shape, cx, cy, r, width, height):

@@ -5,13 +5,16 @@ second stage, the same way (`load_upscaler`, then `.upscale`).
     pipe = simda.load_pipeline("checkpoints/v1-5-pruned-emaonly.safetensors", adapters="out/adapters.safetensors")
     frames = pipe("a dog surfing", frames=16)   # uint8 [B, F, H, W, 3]
 
-Sampling is DDIM (ddim.py) with classifier-free guidance: the conditional and the unconditional
+Sampling is DDIM (ddim.py) or DPM-Solver++ (dpm_solver.py) with classifier-free guidance: the conditional and the unconditional
 (negative prompt) predictions come from one batched UNet call. What the UNet predicts, the noise or
 v (SD 2.x 768-v, the upscaler), is the pipeline's `prediction`; checkpoint.py infers it, the user
 may override it. The starting noise is drawn on the CPU from a generator seeded with `seed` and
 then moved, so the same seed on the same device gives the same video. `invert` is DDIM inversion,
-for one-shot editing (the paper's Sec. 3.4). The models are vae.py, clip_text.py and unet.py
-(SimDA's modules: adapters.py); checkpoint.py reads the weights.
+for one-shot editing (the paper's Sec. 3.4). `animate` and `continue_video` go beyond the paper: frames
+given as clean latents at timestep 0 (per-frame timesteps) beside the noisy ones, which adapters trained
+with given frames (train.py --given-frames) carry on from: an image made to move, a clip made longer.
+The models are vae.py, clip_text.py and unet.py (SimDA's modules: adapters.py); checkpoint.py reads the
+weights.
 """
 import json
 import os
@@ -23,6 +26,7 @@ from safetensors.torch import load_file
 
 import clip_text
 import ddim
+import dpm_solver
 import unet as unet_module
 import vae as vae_module
 from adapters import SimDAConfig, adapter_state_dict
@@ -33,7 +37,7 @@ from video import DEFAULT_FRAMES, DEFAULT_SIZE, check_shape, to_frames
 
 DEFAULT_CHECKPOINT = os.path.join("checkpoints", "v1-5-pruned-emaonly.safetensors")
 DEFAULT_SR_CHECKPOINT = os.path.join("checkpoints", "x4-upscaler-ema.safetensors")
-# The built-in demo (README: "The demo model"): a tiny SD trained from scratch on the shapes world of
+# The built-in demo (docs/demo.md): a tiny SD trained from scratch on the shapes world of
 # shapes.py (train_image.py), and SimDA adapters trained on it (train.py --data shapes). sample.py
 # falls back to them when no SD weights are found.
 MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
@@ -45,6 +49,29 @@ DEMO_UPSCALER = os.path.join(MODELS_DIR, "sr-shapes.safetensors")
 DEMO_SR_ADAPTERS = os.path.join(MODELS_DIR, "simda-sr-shapes.safetensors")
 UPSCALE = 4  # the upscaler's factor: [B, 3, F, H, W] -> [B, 3, F, 4H, 4W]
 MAX_NOISE_LEVEL = 350  # the x4 upscaler was trained with low-res noise levels 0..349 (x4-upscaling.yaml)
+# the samplers: DDIM (ddim.py; the paper's, and the one that inverts) and DPM-Solver++(2M) (dpm_solver.py),
+# which reaches DDIM's quality in fewer steps; both call the UNet once a step
+SAMPLERS = {"ddim": ddim.timesteps, "dpm++": dpm_solver.timesteps}
+# What the command lines' sampler and step counts default to, per model: (sampler, {sampler: steps}). For SD
+# the published practice, not measured here: DPM-Solver++(2M) at 25 steps (DDIM: 50); for SD's x4 upscaler
+# diffusers' 75 DDIM steps. For the demo's stage one, the fewest steps that matched 50 DDIM steps (docs/demo.md);
+# for its upscaler the 20 DDIM steps of docs/second-stage.md's tables. The upscalers' DPM-Solver++ counts are
+# not measured. One-shot editing always runs DDIM (it replays a DDIM inversion).
+SD_SAMPLING = ("dpm++", {"dpm++": 25, "ddim": 50})
+DEMO_SAMPLING = ("dpm++", {"dpm++": 15, "ddim": 25})
+SR_SAMPLING = ("ddim", {"ddim": 75, "dpm++": 25})
+DEMO_SR_SAMPLING = ("ddim", {"ddim": 20, "dpm++": 10})
+SR_GUIDANCE = 9.0  # diffusers' StableDiffusionUpscalePipeline's
+DEMO_SR_GUIDANCE = 1.0  # the demo upscaler is best without guidance (docs/second-stage.md)
+
+
+def check_sampling(sampler, steps, eta=0.0):
+    """A sampler name, a step count it can take and an eta it allows, or a ValueError that says why not."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    SAMPLERS[sampler](steps)  # raises on a step count the sampler cannot take
+    if eta and sampler != "ddim":
+        raise ValueError(f"eta {eta} adds DDIM's step noise: {sampler} is deterministic (use the ddim sampler)")
 
 
 @dataclass
@@ -58,6 +85,7 @@ class Pipeline:
     prediction_source: str = ""  # why we think so (checkpoint.choose_prediction)
     latent_scale: float = LATENT_SCALE  # the diffusion model sees VAE latents times this
     alphas: torch.Tensor = None  # the noise schedule's alphas_cumprod; None: SD's (ddim.alphas_cumprod)
+    given_frames: int = 0  # the most first frames the adapters were trained to be given (train.py --given-frames)
 
     @property
     def vae_dtype(self):
@@ -108,14 +136,24 @@ class Pipeline:
 
     @torch.no_grad()
     def denoise(self, x, context, steps=50, guidance=7.5, eta=0.0, generator=None, progress=True, low_res=None,
-                noise_level=None):
-        """DDIM (ddim.sample) from x (scaled latents [B, 4, F, h, w] at the first timestep) to clean
-        latents (float32), with a progress line. With eta > 0 the step noise comes from `generator`.
-        `low_res`, `noise_level`: the upscaler's conditioning (see `guided_model`)."""
-        model = with_progress(self.guided_model(context, guidance, low_res, noise_level),
+                noise_level=None, sampler="ddim", given=None):
+        """`sampler` (DDIM, ddim.sample, or DPM-Solver++, dpm_solver.sample) from x (scaled latents
+        [B, 4, F, h, w] at the first timestep) to clean latents (float32), with a progress line. With eta > 0
+        (DDIM only) the step noise comes from `generator`. `low_res`, `noise_level`: the upscaler's
+        conditioning (see `guided_model`). `given`: clean latents [B, 4, k, h, w] of the first k frames, which
+        stay exactly what they are (see `with_given`)."""
+        check_sampling(sampler, steps, eta)
+        model = self.guided_model(context, guidance, low_res, noise_level)
+        model = with_progress(model if given is None else with_given(model, given),
                               Progress("sampling" if low_res is None else "upscaling", steps, enabled=progress))
-        return ddim.sample(x.float(), model, steps, eta=eta, generator=generator, prediction=self.prediction,
-                           alphas=self.alphas)
+        if sampler == "dpm++":
+            x = dpm_solver.sample(x.float(), model, steps, prediction=self.prediction, alphas=self.alphas)
+        else:
+            x = ddim.sample(x.float(), model, steps, eta=eta, generator=generator, prediction=self.prediction,
+                            alphas=self.alphas)
+        if given is not None:  # what the sampler made of the given frames was never used: put them back
+            x[:, :, :given.shape[2]] = given
+        return x
 
     @torch.no_grad()
     def invert(self, latents, prompt, steps=50, progress=True):
@@ -150,9 +188,10 @@ class Pipeline:
         return latents.float().contiguous().to(self.device)
 
     def __call__(self, prompts, frames=DEFAULT_FRAMES, height=DEFAULT_SIZE, width=DEFAULT_SIZE, steps=50, guidance=7.5,
-                 negative="", eta=0.0, seed=0, latents=None, progress=True):
-        """Sample one video per prompt -> uint8 tensor [B, F, H, W, 3]. `latents`: start from these scaled
-        latents [B, 4, F, h, w] (e.g. DDIM-inverted ones) instead of seeded noise."""
+                 negative="", eta=0.0, seed=0, latents=None, progress=True, sampler="ddim"):
+        """Sample one video per prompt -> uint8 tensor [B, F, H, W, 3] with `steps` of `sampler` ("ddim" or
+        "dpm++"). `latents`: start from these scaled latents [B, 4, F, h, w] (e.g. DDIM-inverted ones, which
+        only DDIM replays) instead of seeded noise."""
         if self.is_upscaler:
             raise ValueError(f"this pipeline is {self.family}: call .upscale(low_res, prompts), not the pipeline")
         prompts = as_prompts(prompts)
@@ -162,11 +201,64 @@ class Pipeline:
         generator = torch.Generator().manual_seed(seed)
         x = self.start_latents(shape, generator, latents, f"{len(prompts)} prompt(s), {frames} frames of {width}x{height}")
         context = self.guided_context(prompts, negative, guidance)
-        return self.decode(self.denoise(x, context, steps, guidance, eta, generator, progress))
+        return self.decode(self.denoise(x, context, steps, guidance, eta, generator, progress, sampler=sampler))
+
+    @torch.no_grad()
+    def extend(self, given, prompts, frames, steps=50, guidance=7.5, negative="", eta=0.0, seed=0, progress=True,
+               sampler="ddim"):
+        """Clean scaled latents `given` [B, 4, k, h, w] (B = 1: for every prompt) of a video's first k frames ->
+        its latents [B, 4, frames, h, w], the first k exactly `given`, the rest sampled (one video per prompt).
+        The starting noise is text-to-video's for the same seed and shape."""
+        if self.is_upscaler:
+            raise ValueError(f"this pipeline is {self.family}: it upscales, it does not extend videos")
+        prompts = as_prompts(prompts)
+        if given.dim() != 5 or given.shape[0] not in (1, len(prompts)) or \
+                given.shape[1] != self.vae.config.latent_channels:
+            raise ValueError(f"given latents must be [B, {self.vae.config.latent_channels}, k, h, w] with B = 1 or "
+                             f"{len(prompts)} prompt(s), got shape {tuple(given.shape)}")
+        if not 0 < given.shape[2] < frames:
+            raise ValueError(f"{given.shape[2]} given frame(s) leave none of {frames} to sample: ask for more frames")
+        given = given.float().to(self.device).expand(len(prompts), -1, -1, -1, -1)
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn((len(prompts), given.shape[1], frames, *given.shape[3:]), generator=generator).to(self.device)
+        context = self.guided_context(prompts, negative, guidance)
+        return self.denoise(x, context, steps, guidance, eta, generator, progress, sampler=sampler, given=given)
+
+    def animate(self, image, prompts, frames=DEFAULT_FRAMES, steps=50, guidance=7.5, negative="", eta=0.0, seed=0,
+                progress=True, sampler="ddim"):
+        """Image-to-video: images [B, 3, H, W] (or one [3, H, W], for every prompt) in [-1, 1] -> uint8 [B, frames,
+        H, W, 3] whose frame 0 is the image's VAE round trip (its latents are kept exactly) and whose other
+        frames are sampled after it. Adapters trained with given frames (`given_frames` > 0) carry on from it;
+        others only see it put in place (docs/demo.md measures both)."""
+        image = image[None] if image.dim() == 3 else image
+        if image.dim() != 4 or image.shape[1] != 3:
+            raise ValueError(f"image must be [3, H, W] or [B, 3, H, W] in [-1, 1], got shape {tuple(image.shape)}")
+        check_shape(frames, image.shape[2], image.shape[3], self.vae.config.downsample_factor)
+        given = self.encode(image[:, :, None])  # one frame: [B, 4, 1, h, w]
+        return self.decode(self.extend(given, prompts, frames, steps, guidance, negative, eta, seed, progress, sampler))
+
+    def continue_video(self, clip, prompts, frames, given=None, steps=50, guidance=7.5, negative="", eta=0.0, seed=0,
+                       progress=True, sampler="ddim"):
+        """Continuation: clips [B, 3, F, H, W] (or one [3, F, H, W]) in [-1, 1] -> their next `frames` frames, uint8
+        [B, frames, H, W, 3], sampled after the clip's last `given` frames (default: the adapters' given_frames).
+        Called again on its output it goes on: a video of any length at the memory of one window."""
+        clip = clip[None] if clip.dim() == 4 else clip
+        given = self.given_frames if given is None else given
+        if not given:
+            raise ValueError("these adapters were not trained with given frames (train.py --given-frames): they "
+                             "cannot continue a clip (pass given=K to try anyway)")
+        if clip.dim() != 5 or clip.shape[1] != 3:
+            raise ValueError(f"clip must be [3, F, H, W] or [B, 3, F, H, W] in [-1, 1], got shape {tuple(clip.shape)}")
+        if clip.shape[2] < given:
+            raise ValueError(f"the clip has {clip.shape[2]} frame(s), fewer than the {given} it is continued from")
+        check_shape(given + frames, clip.shape[3], clip.shape[4], self.vae.config.downsample_factor)
+        latents = self.extend(self.encode(clip[:, :, -given:]), prompts, given + frames, steps, guidance, negative, eta,
+                              seed, progress, sampler)
+        return self.decode(latents[:, :, given:])
 
     @torch.no_grad()
     def upscale(self, low_res, prompts, steps=75, guidance=9.0, noise_level=20, negative="", eta=0.0, seed=0,
-                latents=None, noise=None, progress=True):
+                latents=None, noise=None, progress=True, sampler="ddim"):
         """The x4 upscaler (a pipeline from `load_upscaler`): videos `low_res` [B, 3, F, H, W] in [-1, 1], one
         prompt each -> [B, 3, F, 4H, 4W] float32 in [-1, 1] before clamping (the defaults are diffusers'
         StableDiffusionUpscalePipeline's). The low-res video is noised to `noise_level` (0..349) on the
@@ -190,7 +282,8 @@ class Pipeline:
         shape = (len(prompts), self.vae.config.latent_channels, *low_res.shape[2:])  # latents at the low-res size
         x = self.start_latents(shape, generator, latents, f"low-res videos of shape {tuple(low_res.shape)}")
         context = self.guided_context(prompts, negative, guidance)
-        clean = self.denoise(x, context, steps, guidance, eta, generator, progress, augmented, level.to(self.device))
+        clean = self.denoise(x, context, steps, guidance, eta, generator, progress, augmented, level.to(self.device),
+                             sampler)
         return self.decode_pixels(clean)
 
 
@@ -208,6 +301,20 @@ def with_progress(model, progress):
         progress.tick()
         return out
     return model_with_progress
+
+
+def with_given(model, given):
+    """`model` (x, t) -> output, for which the first k frames of x are the clean latents `given` [B, 4, k, h, w]
+    at timestep 0 (per-frame timesteps [1, F]), whatever the sampler holds there: as the adapters were trained
+    (train.py --given-frames). The samplers' updates are elementwise, so what they make of those frames
+    never reaches the others."""
+    k = given.shape[2]
+
+    def model_with_given(x, t):
+        steps = torch.full((1, x.shape[2]), t, dtype=torch.long, device=x.device)
+        steps[:, :k] = 0
+        return model(torch.cat([given, x[:, :, k:]], dim=2), steps)
+    return model_with_given
 
 
 def default_checkpoint(upscaler=False):
@@ -263,7 +370,8 @@ def _load(path, device, dtype, adapters, simda_config, prediction, upscaler):
                                                    meta["prediction"] if trained else prediction, upscaler)
     if trained:
         why = f"the adapters were trained so ({os.fspath(adapters)})"
-    pipe = Pipeline(*models, family.name, prediction, why, family.latent_scale, ddim.make_alphas_cumprod(*family.betas))
+    pipe = Pipeline(*models, family.name, prediction, why, family.latent_scale, ddim.make_alphas_cumprod(*family.betas),
+                    int(meta.get("given_frames", 0)))
     if torch.device(device).type == "cpu" and dtype != torch.float32:
         pipe.vae.float()  # the VAE decode stays float32 on the CPU: half-type convolutions gain little there
     if adapter_weights is not None and meta.get("family", pipe.family) != pipe.family:

@@ -11,9 +11,11 @@ one-shot tuning on a single clip for video editing (the paper's Sec. 3.4).
 Each step: encode the captions with the frozen CLIP text encoder and the clips with the frozen VAE
 (a posterior sample, times the latent scale), noise the latents at random timesteps (ddim.add_noise) and
 regress what the frozen UNet predicts (ddim.target: the noise, or v for SD 2.x 768-v models; MSE);
-AdamW updates the adapters only. `--stage sr` trains the second stage instead: SimDA's adapters on SD's
-frozen x4 upscaler, from pairs made of each clip (at --size) and the clip downscaled x4 with
-antialiasing, noised to a random level 0..349 as in the upscaler's own training; the target is v.
+AdamW updates the adapters only. With `--given-frames K`, a share of the samples (`--given-probability`) keeps
+its first 1 to K frames clean at timestep 0 and leaves them out of the loss: the same adapters then animate
+an image and continue a clip (sample.py --image, --continue). `--stage sr` trains the second stage
+instead: SimDA's adapters on SD's frozen x4 upscaler, from pairs made of each clip (at --size) and the
+clip downscaled x4 with antialiasing, noised to a random level 0..349 as in the upscaler's own training; the target is v.
 
 Every random draw of a sample (video, start frame, flip, caption dropout, posterior noise, timestep,
 noise) is seeded by (--seed, global sample index), so --resume continues a run exactly and a
@@ -37,16 +39,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import data
 import ddim
+import loader
 import shapes
 import simda
-import vae as vae_module
 from adapters import adapter_state_dict, freeze_for_training, trainable_summary
 from checkpoint import CheckpointError, load_torch, remove_temporaries, save_torch, write_atomic
 from runtime import Progress, autocast_dtype, setup_distributed
-from video import (DEFAULT_FRAMES, DEFAULT_SIZE, check_shape, output_paths, resample, resolve_shape, save_video,
-                   stack_clips)
+from video import DEFAULT_FRAMES, DEFAULT_SIZE, check_shape, output_paths, resolve_shape, save_video
 
 
 def build_parser():
@@ -87,12 +87,19 @@ def build_parser():
     p.add_argument("--timestep-bias", type=float, default=0.0,
                    help="draw training timesteps with density ~ (t/1000)^BIAS: 0 is SD's uniform draw; > 0 favours "
                         "the noisiest steps, where motion is decided (default: %(default)s)")
+    p.add_argument("--given-frames", type=int, default=0, metavar="K",
+                   help="also train image-to-video and continuation: a sample's first 1 to K frames (uniform) stay "
+                        "clean, at timestep 0, out of the loss (default: %(default)s, text-to-video only)")
+    p.add_argument("--given-probability", type=float, default=0.5, metavar="P",
+                   help="with --given-frames: the share of samples given frames (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this; 0: off (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and of every noise draw (default: %(default)s)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet blocks in backward: less memory, slower")
     p.add_argument("--cache-latents", action="store_true",
                    help="encode every video once up front (one fixed clip per video) instead of at every step")
+    p.add_argument("--num-workers", type=int, help="processes reading clips ahead of the loop, per process; 0: the loop "
+                                                  "reads them (default: on a GPU its CPU cores less one, up to 16; CPU: 0)")
     p.add_argument("--device", default="auto", help="auto: CUDA, else MPS, else CPU; or a torch device (default: %(default)s)")
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="autocast dtype (weights stay float32); auto: bfloat16 on CUDA if supported, else float16 "
@@ -103,7 +110,9 @@ def build_parser():
                    help="write validation GIFs every N steps and at the end; 0: off (default: %(default)s)")
     p.add_argument("--val-prompt", action="append", default=[],
                    help="validation prompt (repeatable; default: none, no validation)")
-    p.add_argument("--val-steps", type=int, default=25, help="DDIM steps of the validation samples (default: %(default)s)")
+    p.add_argument("--val-sampler", choices=list(simda.SAMPLERS), default=simda.SD_SAMPLING[0],
+                   help="sampler of the validation samples, ddim or dpm++ (default: %(default)s)")
+    p.add_argument("--val-steps", type=int, default=25, help="steps of the validation samples (default: %(default)s)")
     p.add_argument("--no-latent-shift", action="store_true", help="ablation: plain per-frame self-attention")
     p.add_argument("--no-temporal-adapters", action="store_true", help="ablation: no TemporalAdapters")
     p.add_argument("--no-spatial-adapters", action="store_true", help="ablation: no SpatialAdapters")
@@ -133,8 +142,18 @@ def check_args(args):
     for name in ("stride", "steps", "batch_size", "save_every", "log_every", "val_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    simda.check_sampling(args.val_sampler, args.val_steps)
+    if args.num_workers is not None and args.num_workers < 0:
+        raise ValueError(f"--num-workers must be at least 0, got {args.num_workers}")
     if not args.timestep_bias >= 0:
         raise ValueError(f"--timestep-bias must be >= 0, got {args.timestep_bias}")
+    if args.given_frames and not 0 < args.given_frames < frames:
+        raise ValueError(f"--given-frames must leave frames to predict: 1 to {frames - 1} of {frames}, got "
+                         f"{args.given_frames}")
+    if args.given_frames and sr:
+        raise ValueError("--given-frames trains image-to-video and continuation, not the upscaler: drop it")
+    if not 0 <= args.given_probability <= 1:
+        raise ValueError(f"--given-probability must be in [0, 1], got {args.given_probability}")
     if not 0 <= args.caption_dropout <= 1:
         raise ValueError(f"--caption-dropout must be in [0, 1], got {args.caption_dropout}")
     if args.video is not None and not os.path.isfile(args.video):
@@ -148,16 +167,6 @@ def check_args(args):
         print(f"--resume: the run in {args.out} stopped before its first save; starting it over", file=sys.stderr)
     return argparse.Namespace(**{**vars(args), "frames": frames, "height": height, "width": width,
                                  "resume": args.resume and saved})
-
-
-def make_dataset(args, rank):
-    if args.data == "shapes":  # sr: scenes of the low-res size, drawn at the training size (their exact truth)
-        size = args.height // simda.UPSCALE if args.stage == "sr" else args.height
-        return data.ShapesDataset(args.frames, size, args.seed, args.caption_dropout, render=args.height)
-    # one-shot: always the same clip, from frame 0, which is what sample.py --edit inverts
-    items = [(args.video, args.prompt)] if args.video else data.find_videos(args.data)
-    return data.Dataset(items, args.frames, args.stride, args.height, args.width, args.seed, args.caption_dropout,
-                        args.hflip, random_start=args.video is None, rank=rank)
 
 
 @dataclass
@@ -176,7 +185,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: object
     autocast: object
-    cache: dict = None
+    feed: loader.Feed = None  # this rank's samples of each step, read ahead
     log: object = None
     progress: Progress = None
     step: int = 0
@@ -197,8 +206,7 @@ def build_run(args):
     ckpt = args.ckpt or (demo if args.data == "shapes" else simda.default_checkpoint(upscaler=sr))
     if not os.path.exists(ckpt):
         raise CheckpointError(f"checkpoint not found: {ckpt}")
-    dataset = make_dataset(args, rank)
-    dataset.check_readable()  # before any model is loaded
+    dataset = loader.make_dataset(args, rank)  # and checked readable: before any model is loaded
 
     torch.manual_seed(args.seed)  # the adapters' initialisation
     simda_config = simda.SimDAConfig(spatial_adapters=not args.no_spatial_adapters,
@@ -219,15 +227,16 @@ def build_run(args):
     config = dict(batch_size=args.batch_size, seed=args.seed, frames=args.frames, stride=args.stride, height=args.height,
                   width=args.width, caption_dropout=args.caption_dropout, hflip=args.hflip, lr=args.lr,
                   timestep_bias=args.timestep_bias, cache_latents=args.cache_latents, data=args.data or args.video,
-                  simda_config=dataclasses.asdict(simda_config), prediction=pipe.prediction, stage=args.stage)
+                  simda_config=dataclasses.asdict(simda_config), prediction=pipe.prediction, stage=args.stage,
+                  given_frames=args.given_frames, given_probability=args.given_probability if args.given_frames else 0)
     run = Run(args, rank, world, device, ckpt, config, dataset, pipe, model, params,
               torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay),
               torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
               (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext)
     if state is not None:
         resume(run, state)
-    if args.cache_latents:
-        run.cache = data.cache_latents(pipe.vae, dataset, args.seed, rank, world, device)
+    cache = loader.cache_latents(pipe.vae, dataset, args.seed, rank, world, device) if args.cache_latents else None
+    run.feed = loader.Feed(dataset, args.batch_size, rank, world, run.step, args.steps, args.num_workers, device, cache)
     if rank == 0:
         open_output(run, dtype)
     return run
@@ -247,45 +256,21 @@ def open_output(run, dtype):
     print(f"{source}, {args.frames} frames of {args.width}x{args.height}{stride}, global batch {args.batch_size} on "
           f"{run.world} process(es), {run.device}, precision {str(dtype).removeprefix('torch.')}")
     print(f"{run.pipe.family} checkpoint {run.ckpt}, predicts {run.pipe.prediction} ({run.pipe.prediction_source})")
+    print(run.feed.describe())
     print(trainable_summary(run.pipe.unet), flush=True)
-
-
-@torch.no_grad()
-def make_inputs(pipe, batch, gs, seed, device, timestep_bias=0.0):
-    """(UNet input, timesteps, target, text context, class labels) for the samples gs: [(clip or (mean, logvar),
-    caption)]. The input is the noisy latents; the target what the UNet should output, the noise or v (the
-    pipeline's prediction). For the upscaler, the input also holds the clip downscaled x4 and noised to a
-    random level (the class label); else the labels are None."""
-    clips, captions = zip(*batch)
-    context = pipe.text_context(list(captions))
-    if isinstance(clips[0], tuple):  # cached posterior moments, each [4, F, h, w]
-        mean, logvar = (torch.stack(m).to(device) for m in zip(*clips))
-    else:
-        mean, logvar = (m.float() for m in pipe.vae.encode_video(stack_clips(clips).to(device)))
-    latents = torch.stack([vae_module.sample(m, lv, data.generator(seed, "posterior", g))
-                           for m, lv, g in zip(mean, logvar, gs)]) * pipe.latent_scale
-    gens = [data.generator(seed, "noise", g) for g in gs]
-    t = torch.cat([ddim.draw_timestep(gen, timestep_bias) for gen in gens]).to(device)
-    noise = torch.stack([torch.randn(latents.shape[1:], generator=gen) for gen in gens]).to(device)
-    x, levels = ddim.add_noise(latents, noise, t, pipe.alphas), None
-    if pipe.is_upscaler:
-        # x4-upscaling.yaml's training: the low-res image at a noise level drawn uniformly from 0..349
-        low_res = resample(stack_clips(clips).to(device), 1 / simda.UPSCALE)
-        gens = [data.generator(seed, "low-res", g) for g in gs]
-        levels = torch.cat([torch.randint(0, simda.MAX_NOISE_LEVEL, (1,), generator=gen) for gen in gens]).to(device)
-        low_noise = torch.stack([torch.randn(low_res.shape[1:], generator=gen) for gen in gens]).to(device)
-        x = torch.cat([x, ddim.add_noise(low_res, low_noise, levels, pipe.alphas)], dim=1)
-    return x, t, ddim.target(latents, noise, t, pipe.prediction, pipe.alphas), context, levels
 
 
 def train_step(run):
     """One optimizer step on this rank's share of the global batch; returns the loss, averaged over the ranks."""
     args = run.args
-    gs = [run.step * args.batch_size + j for j in range(run.rank, args.batch_size, run.world)]  # this rank's samples
+    gs, batch = run.feed.next()  # this rank's samples of the step
+    given = loader.draw_given(args.seed, gs, args.given_frames, args.given_probability)
+    keep = loader.loss_mask(given, args.frames, run.device)  # None: no sample of this step is given frames
     with run.autocast():
-        x, t, target, context, y = make_inputs(run.pipe, [run.dataset.sample(g, run.cache) for g in gs], gs, args.seed,
-                                               run.device, args.timestep_bias)
-        loss = F.mse_loss(run.model(x, t, context, y).float(), target)
+        x, t, target, context, y = loader.make_inputs(run.pipe, batch, gs, args.seed, run.device, args.timestep_bias,
+                                                      given)
+        out = run.model(x, t, context, y).float()
+        loss = F.mse_loss(out, target) if keep is None else ((out - target) ** 2 * keep).mean()
     value = loss.detach().clone()
     if run.world > 1:
         dist.all_reduce(value)
@@ -317,8 +302,7 @@ def after_step(run, loss):
         run.log.write(json.dumps({"step": step, "loss": loss, "lr": args.lr, "time": round(run.progress.elapsed(), 3)}) + "\n")
         run.log.flush()
         if step % args.log_every == 0 or step in (run.progress.first + 1, args.steps):
-            skipped = f"  skipped {len(run.dataset.bad)}" if run.dataset.bad else ""
-            run.progress.show(step, f"loss {loss:.4f}{skipped}")
+            run.progress.show(step, f"loss {loss:.4f}  {run.feed.note()}")
     # validation first: a kill inside it leaves a step that the resumed run redoes, GIFs included
     if args.val_prompt and args.sample_every > 0 and (step % args.sample_every == 0 or step == args.steps):
         validate(run)
@@ -339,6 +323,8 @@ def save(run):
         meta.update(prompt=args.prompt, video=args.video)
     if args.data == "shapes":
         meta.update(fps=shapes.FPS)
+    if args.given_frames:  # what sample.py --image / --continue need
+        meta.update(given_frames=args.given_frames, given_probability=args.given_probability)
     simda.save_adapters(run.pipe.unet, os.path.join(args.out, "adapters.safetensors"), **meta)
     state = dict(step=run.step, adapters={k: v.cpu() for k, v in adapter_state_dict(run.pipe.unet).items()},
                  optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict() if run.scaler else {},
@@ -400,23 +386,17 @@ def validate(run):
     os.makedirs(folder, exist_ok=True)
     with run.autocast():
         videos = run.pipe([args.val_prompt[i] for i in mine], args.frames, args.height, args.width, args.val_steps,
-                          seed=args.seed, progress=False)
+                          seed=args.seed, progress=False, sampler=args.val_sampler)
     for i, video in zip(mine, videos):
         save_video(video, paths[i])
     print(f"step {run.step}: wrote {len(mine)} validation GIF(s) to {folder}", flush=True)
 
 
 def finish(run):
-    bad = [run.dataset.bad]
-    if run.world > 1:
-        bad = [None] * run.world
-        dist.all_gather_object(bad, run.dataset.bad)
+    summary = run.feed.close(run.world)  # every rank: the skipped videos are gathered
     if run.rank == 0:
         run.log.close()
-        skipped = len(set().union(*bad))
-        print(f"done: adapters in {os.path.join(run.args.out, 'adapters.safetensors')}"
-              + ("" if run.args.data == "shapes" else f"; {skipped} of {len(run.dataset)} videos skipped "
-                                                      "(unreadable or too short)"), flush=True)
+        print(f"done: adapters in {os.path.join(run.args.out, 'adapters.safetensors')}; {summary}", flush=True)
 
 
 def train(args):

@@ -3,7 +3,7 @@ world (shapes.py): a tiny Stable Diffusion (32x32 frames), and with --upscaler a
 (32x32 -> 128x128). SimDA's adapters on each are train.py's job (--data shapes, with --stage sr).
 
     python train_image.py --out models/build          # the VAE, then the UNet
-    python train.py --data shapes --ckpt models/sd-shapes.safetensors ...   # see the README
+    python train.py --data shapes --ckpt models/sd-shapes.safetensors ...   # see docs/demo.md
     python train_image.py --upscaler --out models/build-sr                  # the second stage
 
 The models are the real SD classes (vae.py, clip_text.py, unet.py) at a small size, and the result
@@ -17,7 +17,7 @@ the SD-1.5 checkpoint:
    saved. Each frame keeps its video's caption, motion words included.
    The CLIP text encoder keeps its seeded random initialisation unless --train-text-encoder is
    given: a random encoder mixes every word into every later state, so the text already tells the
-   motions apart, the part of CLIP's pretraining that SimDA relies on (README: "What it took").
+   motions apart, the part of CLIP's pretraining that SimDA relies on (docs/demo.md: "What it took").
 Each stage saves its result atomically under --out; a stage whose file exists is not run again.
 At the end of each stage a check is printed: the tracker's scores on VAE reconstructions, and on
 images sampled from the captions.
@@ -107,8 +107,7 @@ def finetune_decoder(args):
     """--finetune-decoder CKPT: train the VAE's decoder (and post_quant_conv) of a saved checkpoint on
     fresh frames, the encoder frozen, so the latent space, and the UNet and adapters trained on it,
     stay valid; the text encoder and UNet are saved unchanged (float16 both ways). The first demo VAE
-    (1000 steps) drew faint smudges of other hues beside the shapes; this removes them (README: "The
-    demo's second stage"), as Stability's ft-MSE decoder improved SD's without touching its encoder."""
+    (1000 steps) drew faint smudges of other hues beside the shapes; this removes them (docs/demo.md), as Stability's ft-MSE decoder improved SD's without touching its encoder."""
     pipe = simda.load_pipeline(args.finetune_decoder)
     vae = pipe.vae.float().to(args.device)
     vae.requires_grad_(False)
@@ -234,7 +233,7 @@ def train_unet(args, vae, out_file):
 
 def save_checkpoint(vae, text_encoder, unet, path, **metadata):
     """One file in the official single-file layout of the family (SD 1.x, or the x4 upscaler's when the
-    text encoder uses the exact GELU), float16 (see the README for what that costs)."""
+    text encoder uses the exact GELU), float16 (docs/demo.md says what that costs)."""
     tensors = {k: v.half() for k, v in ldm_state_dict(text_encoder, vae, unet).items()}
     metadata[TEXT_ONLY_LEVELS_KEY] = ",".join(map(str, unet.config.disable_self_attentions))
     save_safetensors(tensors, path, {k: str(v) for k, v in metadata.items()})
@@ -269,7 +268,7 @@ def check_upscaler(path, seed, size, steps=20, guidance=1.0, count=48):
           f"{steps} DDIM steps, guidance {guidance}: PSNR {ours.mean():.2f} dB (bicubic {bicubic.mean():.2f} dB)", flush=True)
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="The demo's image models: train a tiny SD, or with --upscaler a tiny x4 "
                                             "upscaler (the VAE, then the UNet; the text encoder stays random unless "
                                             "asked) from scratch on frames of the shapes world.")
@@ -303,6 +302,24 @@ def main(argv=None):
     p.add_argument("--caption-dropout", type=float, default=0.1, help="(default: %(default)s)")
     p.add_argument("--save-every", type=int, default=250, help="save the EMA weights every N steps (default: %(default)s)")
     p.add_argument("--log-every", type=int, default=50, help="(default: %(default)s)")
+    return p
+
+
+def vae_of(args, vae_path):
+    """The VAE: the one already in --out (a rerun trains only the UNet), else trained now and saved there."""
+    if os.path.exists(vae_path):
+        print(f"vae: using {vae_path} (delete it to train the VAE again)", flush=True)
+        vae = vae_module.AutoencoderKL(configs(args.upscaler)[0])
+        vae.load_state_dict(load_file(vae_path))
+        return vae.eval().requires_grad_(False)
+    vae = train_vae(args)
+    os.makedirs(args.out, exist_ok=True)
+    save_safetensors(vae.state_dict(), vae_path)
+    return vae
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         check_shape(1, args.size, args.size)  # the rule of every script
@@ -326,15 +343,7 @@ def main(argv=None):
         save_checkpoint(vae, text_encoder, unet, out_file, decoder_steps=args.decoder_steps)
         print(f"wrote {out_file}", flush=True)
         return
-    if os.path.exists(vae_path):
-        print(f"vae: using {vae_path} (delete it to train the VAE again)", flush=True)
-        vae = vae_module.AutoencoderKL(configs(args.upscaler)[0])
-        vae.load_state_dict(load_file(vae_path))
-        vae.eval().requires_grad_(False)
-    else:
-        vae = train_vae(args)
-        os.makedirs(args.out, exist_ok=True)
-        save_safetensors(vae.state_dict(), vae_path)
+    vae = vae_of(args, vae_path)
     check_vae(vae, args.seed, args.size, args.render)
     text_encoder, unet, steps = train_unet(args, vae, out_file)
     save_checkpoint(vae.cpu(), text_encoder, unet, out_file, step=steps)

@@ -6,6 +6,8 @@ and skip connections from every input block to its mirror output block. It takes
 [B, C, F, h, w] and runs every 2D layer frame by frame: the frames are folded into the batch on the
 way in and unfolded on the way out (video.py's `frames_to_batch`, `batch_to_frames`). Parameter names are the official checkpoint's
 keys with `model.diffusion_model.` stripped, so that SD weights load with a strict load_state_dict.
+The timestep is one per video ([B]) or one per frame ([B, F]): the time embedding is added after the
+fold, so given frames can sit at t = 0 beside noisy ones (image-to-video, continuation: simda.py).
 
 Given an `adapters.SimDAConfig`, the UNet also carries SimDA's modules (adapters.py) under their
 own names beside the SD ones: `attn_adapter` and `ffn_adapter` in every TransformerBlock,
@@ -321,24 +323,33 @@ class UNet(nn.Module):
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1))
 
     def forward(self, x, t, context, y=None):
-        """x [B, C, F, h, w] latents, t [B] (or a scalar) timesteps, context [B, 77, D] text states; y [B]
-        class labels (LongTensor), for a UNet with `num_classes` (the x4 upscaler's noise level)."""
+        """x [B, C, F, h, w] latents, t [B] (or a scalar) timesteps, or [B, F] (or [1, F]) one per frame (given
+        frames at t = 0 beside noisy ones: image-to-video, continuation); context [B, 77, D] text states;
+        y [B] class labels (LongTensor), for a UNet with `num_classes` (the x4 upscaler's noise level)."""
         if x.dim() != 5:
             raise ValueError(f"UNet expects video latents [B, C, F, h, w], got shape {tuple(x.shape)}")
         if (y is None) != (not self.config.num_classes):
             raise ValueError(f"this UNet has {self.config.num_classes} classes: y (class labels [B]) must be "
                              f"{'given' if self.config.num_classes else 'None'}")
         b, frames = x.shape[0], x.shape[2]
+        per_frame = torch.is_tensor(t) and t.dim() == 2
         if isinstance(t, (int, float)):  # a sampler's step: filled on the device, no host-to-device copy (a sync)
             t = torch.full((b,), t, device=x.device)
+        elif per_frame:
+            if t.shape[1] != frames or t.shape[0] not in (1, b):
+                raise ValueError(f"per-frame timesteps must be [B, F] = [{b}, {frames}] (or [1, {frames}]), "
+                                 f"got shape {tuple(t.shape)}")
+            t = t.to(x.device).expand(b, frames).reshape(-1)  # (b f): the frames' order in the batch
         else:
             t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
 
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
         if y is not None:
-            emb = emb + self.label_emb(torch.as_tensor(y, device=x.device).reshape(-1).expand(b))
-        # every frame of a video shares its timestep and its text
-        emb = emb.repeat_interleave(frames, dim=0)
+            label = self.label_emb(torch.as_tensor(y, device=x.device).reshape(-1).expand(b))
+            emb = emb + (label.repeat_interleave(frames, dim=0) if per_frame else label)
+        # every frame of a video shares its text, and its timestep unless each frame has its own
+        if not per_frame:
+            emb = emb.repeat_interleave(frames, dim=0)
         context = context.repeat_interleave(frames, dim=0)
 
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()

@@ -1,5 +1,6 @@
 """Run by tests/test_interrupts.py: train.py's training as the command line runs it (train.main), on
-one thread, ended at a deterministic point by SIGKILL (or blocked there, for a Ctrl-C).
+one thread, ended at a deterministic point by SIGKILL of it and its input workers (or blocked there,
+for a Ctrl-C).
 
 Usage: kill_launcher.py MOMENT [train.py flags ...], where MOMENT is one of
 
@@ -18,6 +19,7 @@ Usage: kill_launcher.py MOMENT [train.py flags ...], where MOMENT is one of
 FILE is the base name of the file written (state.pt, adapters.safetensors, log.jsonl); STEP counts
 optimizer steps done, so a resumed run's first step is its saved step + 1.
 """
+import multiprocessing
 import os
 import signal
 import sys
@@ -40,8 +42,11 @@ real = dict(train_step=train.train_step, resume=train.resume, save=train.save, s
 
 
 def die():
+    """SIGKILL the run: its input worker processes (--num-workers), then itself, as a kill of the job would."""
     sys.stdout.flush()
     sys.stderr.flush()
+    for worker in multiprocessing.active_children():
+        os.kill(worker.pid, signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
 
 

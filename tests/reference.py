@@ -1,7 +1,7 @@
 """Reference models (diffusers / transformers) built to match our configs, holding our weights as
 converted by the reference libraries' own LDM converters, so that our parameter names are checked
 against the official layout by an independent party. Tests only: product code never imports these
-(the UNet's is bench.py's `peer_unet`, the same model the benchmark times)."""
+(the UNet's is bench_unet.py's `peer_unet`, the same model the benchmark times)."""
 import os
 import shutil
 
@@ -11,7 +11,7 @@ from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, co
                                                  convert_open_clip_checkpoint)
 from transformers import CLIPTextModel
 
-from bench import diffusers_vae_config, peer_unet, sd_ddim_scheduler, transformers_clip_config  # noqa: F401
+from bench_unet import diffusers_vae_config, peer_unet, sd_ddim_scheduler, transformers_clip_config  # noqa: F401
 from checkpoint import OPEN_CLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, ldm_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +27,7 @@ def _build(model_class, config, sd):
 
 def diffusers_unet(unet=None, ldm=None, config=None):
     """diffusers' UNet2DConditionModel holding our UNet's weights (or those of an LDM checkpoint dict):
-    bench.py's peer, which the benchmark times."""
+    bench_unet.py's peer, which the benchmark times."""
     ldm = ldm if ldm is not None else {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
     return peer_unet(config or unet.config, ldm)
 

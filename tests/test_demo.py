@@ -18,13 +18,14 @@ PROMPTS = [
     "a blue square moving left", "a yellow triangle moving right", "a red square moving up", "a green circle moving down",
     "a green triangle moving left", "a red triangle moving right", "a yellow square moving up", "a blue circle moving down",
     "a yellow circle moving left", "a blue triangle moving right", "a green circle moving up", "a red square moving down"]
-STEPS, GUIDANCE = 15, 7.5
+SAMPLER = simda.DEMO_SAMPLING[0]  # sample.py's default sampler and steps for the demo
+STEPS, GUIDANCE = simda.DEMO_SAMPLING[1][SAMPLER], 7.5
 
 
 def scores(adapters):
     pipe = simda.load_pipeline(simda.DEMO_CHECKPOINT, adapters=adapters)
-    videos = pipe(PROMPTS, shapes.FRAMES, shapes.SIZE, shapes.SIZE, STEPS, GUIDANCE, seed=0,
-                             progress=False).numpy()
+    videos = pipe(PROMPTS, shapes.FRAMES, shapes.SIZE, shapes.SIZE, STEPS, GUIDANCE, seed=0, progress=False,
+                  sampler=SAMPLER).numpy()
     return [shapes.score(video, prompt) for video, prompt in zip(videos, PROMPTS)]
 
 
@@ -44,7 +45,7 @@ def test_demo_videos_move_the_prompted_way_with_the_prompted_colour_and_shape():
 def test_sample_py_without_weights_uses_the_demo_model(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("SIMDA_CKPT", raising=False)
     monkeypatch.chdir(tmp_path)  # no checkpoints/ here
-    sample.main(["a red circle moving right", "--steps", "5", "--out", "demo.gif"])
+    sample.main(["a red circle moving right", "--out", "demo.gif"])
     err = capsys.readouterr().err
     notice = [line for line in err.splitlines() if "demo model" in line]
     assert len(notice) == 1 and "--ckpt" in notice[0] and simda.DEFAULT_CHECKPOINT in notice[0]
@@ -62,3 +63,15 @@ def test_the_shipped_weights_stay_under_60_mb():
     for path in (simda.DEMO_CHECKPOINT, simda.DEMO_ADAPTERS, simda.DEMO_UPSCALER, simda.DEMO_SR_ADAPTERS):
         assert path in sizes
     assert sum(sizes.values()) < 60 * 10 ** 6, sizes
+
+
+def test_sample_py_names_the_words_the_demo_world_does_not_know_and_still_samples(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("SIMDA_CKPT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    sample.main(["a dog surfing", "--steps", "2", "--out", "dog.gif"])
+    unknown = [line for line in capsys.readouterr().err.splitlines() if "does not know" in line]
+    assert len(unknown) == 1 and "'dog', 'surfing'" in unknown[0]
+    assert "red|green|blue|yellow" in unknown[0] and "left|right|up|down" in unknown[0]
+    assert (tmp_path / "dog.gif").exists()
+    sample.main(["a red circle moving right", "--steps", "2", "--out", "red.gif"])
+    assert "does not know" not in capsys.readouterr().err

@@ -185,6 +185,23 @@ def test_load_i3d_loads_safetensors_and_torch_files_strictly(weights, tmp_path):
     assert i3d.load_i3d(str(tmp_path / "ten.pt")).logits.conv3d.out_channels == 10
 
 
+def test_load_i3d_takes_files_without_the_batch_norm_counters_but_nothing_else_missing(weights, tmp_path):
+    counters = [k for k in weights if k.endswith(".num_batches_tracked")]
+    assert len(counters) == 57
+    torch.save({k: v for k, v in weights.items() if k not in counters}, tmp_path / "old.pt")  # a pre-0.4.1 file
+    loaded = i3d.load_i3d(str(tmp_path / "old.pt"))
+    assert all(torch.equal(loaded.state_dict()[k].float(), v.float()) for k, v in weights.items() if k not in counters)
+    x = torch.rand(1, 3, 9, i3d.SIZE, i3d.SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torch.save(weights, tmp_path / "full.pt")
+    full = i3d.load_i3d(str(tmp_path / "full.pt"))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), full(x))
+    without_a_statistic = {k: v for k, v in weights.items() if k not in counters and k != "Mixed_3b.b0.bn.running_mean"}
+    torch.save(without_a_statistic, tmp_path / "torn.pt")
+    with pytest.raises(CheckpointError, match=r"missing keys: Mixed_3b.b0.bn.running_mean$"):
+        i3d.load_i3d(str(tmp_path / "torn.pt"))
+
+
 def test_load_i3d_lists_what_another_models_weights_lack(weights, tmp_path):
     save_file({"a.weight": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(CheckpointError,

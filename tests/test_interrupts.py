@@ -73,8 +73,10 @@ def look(out, moment, result):
 
 
 def run_chain(ckpt, out, stages, extra=()):
-    """Run the stages [(moment, resume)] one after another in `out`; the last runs to the end."""
-    return [look(out, moment, launch(moment, train_argv(ckpt, out, resume, extra))) for moment, resume in stages]
+    """Run the stages [(moment, resume, more flags...)] one after another in `out`, each with the flags
+    `extra` and its own; the last runs to the end."""
+    return [look(out, moment, launch(moment, train_argv(ckpt, out, resume, [*extra, *more])))
+            for moment, resume, *more in stages]
 
 
 BASE = ("step-start:6", False)  # killed at the start of step 6: state.pt at step 4, log lines 1..5
@@ -94,9 +96,16 @@ SCENARIOS = {
     "resumed-step:backward": [BASE, ("resumed-step:backward", True)],
     "resumed-step:end": [BASE, ("resumed-step:end", True)],
     "log rewrite": [BASE, ("before-rename:log.jsonl:4", True)],
+    # input read by worker processes, killed with them; resumed with another number of workers
+    "workers": [],
+    "workers:logged": [("logged:4", False, "--num-workers", "2")],
+    "workers:resumed-step": [("torn-tmp:state.pt:4", False, "--num-workers", "2"),
+                             ("resumed-step:backward", True, "--num-workers", "2")],
 }
 VALIDATION = ["--val-prompt", "a red circle moving right", "--val-steps", "2", "--sample-every", "2"]
-EXTRA = {"torn-gif": VALIDATION}  # more train.py flags, for every run of the scenario
+EXTRA = {"torn-gif": VALIDATION,  # more train.py flags, for every run of the scenario (a stage's own come after)
+         "workers": ["--num-workers", "2"], "workers:logged": ["--num-workers", "1"],
+         "workers:resumed-step": ["--num-workers", "0"]}
 
 
 def interrupt_and_resume(ckpt, out):
@@ -302,6 +311,18 @@ def test_ctrl_c_exits_130_naming_the_last_saved_step_and_a_resume_command_that_f
     assert interrupted.saved == 4 and not [n for n in interrupted.files if n.endswith(".tmp")]
     [resumed] = resumed  # the command of the message, run by kill_launcher.py
     assert_finished(resumed)
+    assert_same_as_uninterrupted(out, uninterrupted)
+
+
+@pytest.mark.parametrize("name", ["workers", "workers:logged", "workers:resumed-step"])
+def test_runs_whose_input_workers_are_killed_with_them_resume_to_the_uninterrupted_result(name, runs, uninterrupted):
+    """Worker processes read steps ahead; whatever they had read when the run was killed, the resumed
+    run (with another number of workers) ends as the uninterrupted run without workers does."""
+    out, stages = runs[name]
+    for stage in stages[:-1]:
+        assert_killed(stage)
+    assert_finished(stages[-1])
+    assert "input: 2 worker process(es)" in stages[0].stdout
     assert_same_as_uninterrupted(out, uninterrupted)
 
 

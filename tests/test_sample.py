@@ -10,6 +10,7 @@ from PIL import Image
 
 import data
 import ddim
+import dpm_solver
 import sample
 import simda
 from adapters import SimDAConfig
@@ -111,6 +112,39 @@ def test_denoise_is_ddims_sampler(pipe, eta):
                           progress=False)
     eps = pipe.guided_model(context, guidance=1)
     assert torch.equal(ours, ddim.sample(x, eps, 4, eta=eta, generator=torch.Generator().manual_seed(1)))
+
+
+def test_denoise_with_dpm_solver_is_dpm_solvers_sampler_at_its_timesteps(pipe):
+    context = pipe.text_context(["a cat"])
+    x = torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen = []
+    eps = pipe.guided_model(context, guidance=1)
+    ours = pipe.denoise(x, context, steps=5, guidance=1, progress=False, sampler="dpm++")
+    assert torch.equal(ours, dpm_solver.sample(x, lambda x, t: seen.append(t) or eps(x, t), 5))
+    assert seen == dpm_solver.timesteps(5).tolist() and seen != ddim.timesteps(5).tolist()
+    assert not torch.equal(ours, pipe.denoise(x, context, steps=5, guidance=1, progress=False))  # ddim's
+    with pytest.raises(ValueError, match="dpm\\+\\+ is deterministic"):
+        pipe.denoise(x, context, steps=5, eta=0.5, progress=False, sampler="dpm++")
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        pipe.denoise(x, context, steps=5, progress=False, sampler="euler")
+
+
+def test_sampler_flag_picks_the_sampler_and_the_default_is_sds(tmp_path, files, capsys):
+    run(files, PROMPT, "--out", str(tmp_path / "dpm.gif"), "--sampler", "dpm++")
+    assert "3 dpm++ steps" in capsys.readouterr().err
+    sample.main([PROMPT, "--ckpt", files[0], "--adapters", files[1], "--out", str(tmp_path / "default.gif")])
+    sampler, steps = simda.SD_SAMPLING[0], simda.SD_SAMPLING[1][simda.SD_SAMPLING[0]]
+    assert f"{steps} {sampler} steps" in capsys.readouterr().err
+    run(files, PROMPT, "--out", str(tmp_path / "ddim.gif"), "--sampler", "ddim")
+    assert not np.array_equal(read_frames(str(tmp_path / "dpm.gif")), read_frames(str(tmp_path / "ddim.gif")))
+
+
+def test_editing_refuses_dpm_solver_with_a_sentence_and_eta_needs_ddim(tmp_path, files, capsys):
+    clip = write_clip(str(tmp_path / "clip.mp4"))
+    expect_error(capsys, [PROMPT, "--ckpt", files[0], "--adapters", files[1], "--edit", clip, "--sampler", "dpm++"],
+                 "replay a DDIM inversion", "drop --sampler dpm++")
+    expect_error(capsys, [PROMPT, "--ckpt", files[0], "--adapters", files[1], "--eta", "0.5"], "--steps: eta 0.5",
+                 "dpm++ is deterministic")
 
 
 def test_grid_writes_the_frames_as_a_png_strip(tmp_path, files):

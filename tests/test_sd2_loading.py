@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import save_file
 
 import checkpoint
-import ddim
 import data
+import ddim
+import loader
 import sample
 import simda
 import train
@@ -355,7 +356,7 @@ def test_make_inputs_regresses_v_on_a_v_model_and_the_noise_on_an_epsilon_model(
     assert pipe.prediction == "v"
     clip = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1  # [F, C, H, W]
     batch, gs, seed = [(clip, "a dog")], [3], 7
-    noisy, t, target, context, labels = train.make_inputs(pipe, batch, gs, seed, torch.device("cpu"))
+    noisy, t, target, context, labels = loader.make_inputs(pipe, batch, gs, seed, torch.device("cpu"))
     assert labels is None  # a text-to-video model has no class labels
     # the same draws as make_inputs makes: the posterior sample, then the timestep and the noise
     with torch.no_grad():
@@ -370,7 +371,7 @@ def test_make_inputs_regresses_v_on_a_v_model_and_the_noise_on_an_epsilon_model(
     assert context.shape == (1, 77, 128)
 
     pipe.prediction = "epsilon"  # as --prediction epsilon loads it
-    noisy_eps, t_eps, target_eps, _, _ = train.make_inputs(pipe, batch, gs, seed, torch.device("cpu"))
+    noisy_eps, t_eps, target_eps, _, _ = loader.make_inputs(pipe, batch, gs, seed, torch.device("cpu"))
     assert torch.equal(noisy_eps, noisy) and torch.equal(t_eps, t)
     assert torch.equal(target_eps, noise)
 

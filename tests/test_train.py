@@ -1,6 +1,6 @@
 """train.py on a tiny random-weight SD: a run writes adapters, state and log; --resume continues a run
-exactly; two torchrun processes (gloo) equal one process with the same global batch; bad input fails
-clearly, before any model is loaded."""
+exactly; two torchrun processes (gloo) equal one process with the same global batch, and so does a
+run whose clips are read by two worker processes; bad input fails clearly, before any model is loaded."""
 import contextlib
 import io
 import json
@@ -17,6 +17,7 @@ import train
 from adapters import SimDAConfig
 from conftest import ROOT, rel_err
 from test_data import captioned, write_corrupt
+from test_shards import sample, write_shard
 
 # conftest's one_thread: one thread, as each torchrun process gets (faster on a shared machine, the same numerics)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,6 +80,20 @@ def test_a_run_writes_adapters_state_log_and_validation_gif(straight, ckpt):
     assert "trainable parameters of" in stdout and f"step {STEPS}/{STEPS}  loss" in stdout and "it/s  ETA" in stdout
     assert "2 of 5 videos skipped" in stdout
     assert stderr.count("corrupt.mp4: cannot decode") == 1 and stderr.count("short.mp4: too short") == 1
+    assert "input: read by the training loop (--num-workers' default on cpu" in stdout
+    assert "data wait" in stdout and "the loop waited for data" in stdout.splitlines()[-1]
+
+
+def test_two_worker_processes_train_bitwise_what_the_loop_reading_itself_trains(straight, ckpt, videos, tmp_path,
+                                                                               capsys):
+    run("--data", videos, "--ckpt", ckpt, "--out", tmp_path, "--steps", STEPS, "--num-workers", 2, *COMMON)
+    assert losses(str(tmp_path)) == losses(straight[0])
+    ours = simda.read_adapters(str(tmp_path / "adapters.safetensors"))[0]
+    theirs = simda.read_adapters(os.path.join(straight[0], "adapters.safetensors"))[0]
+    assert all(ours[k].equal(theirs[k]) for k in theirs)
+    stdout, stderr = capsys.readouterr()
+    assert "input: 2 worker process(es)" in stdout and "2 of 5 videos skipped" in stdout
+    assert stderr.count("corrupt.mp4: cannot decode") == 1 and stderr.count("short.mp4: too short") == 1
 
 
 def test_resume_continues_the_run_exactly(straight, ckpt, videos, tmp_path):
@@ -91,6 +106,21 @@ def test_resume_continues_the_run_exactly(straight, ckpt, videos, tmp_path):
     resumed = simda.read_adapters(os.path.join(out, "adapters.safetensors"))[0]
     whole = simda.read_adapters(os.path.join(straight[0], "adapters.safetensors"))[0]
     assert all(resumed[k].equal(whole[k]) for k in whole)
+
+
+def test_a_folder_of_video2dataset_shards_trains_and_counts_its_bad_samples(ckpt, videos, tmp_path, capsys):
+    shard_folder = tmp_path / "webvid_subset"
+    shard_folder.mkdir()
+    samples = []
+    for name in ["a.mp4", "b.mp4", "c.gif", "short.mp4", "corrupt.mp4"]:  # b.mp4 without its caption
+        with open(os.path.join(videos, name), "rb") as f:
+            samples.append(sample(name[:-4], f.read(), None if name == "b.mp4" else name))
+    write_shard(shard_folder / "00000.tar", samples)
+    run("--data", shard_folder, "--ckpt", ckpt, "--out", tmp_path / "out", "--steps", 2, "--num-workers", 1, *COMMON)
+    stdout, stderr = capsys.readouterr()
+    assert "4 videos, 4 frames of 16x16" in stdout and "00000.tar:b.mp4: no caption (.txt); left out" in stderr
+    assert "2 of 4 videos skipped (unreadable or too short), 1 more left out when listing them" in stdout
+    assert len(losses(str(tmp_path / "out"))) == 2
 
 
 def test_one_shot_tuning_on_one_clip_with_cached_latents(ckpt, videos, tmp_path, capsys):
@@ -164,6 +194,7 @@ def test_two_torchrun_processes_equal_one_process(straight, ckpt, videos, tmp_pa
     ({"--data": None, "--video": "clip.mp4"}, "--video needs --prompt"),
     ({"--resume": ""}, "--resume: no saved run in"),
     ({"--timestep-bias": "-1"}, "--timestep-bias must be >= 0, got -1.0"),
+    ({"--num-workers": "-1"}, "--num-workers must be at least 0, got -1"),
 ])
 def test_bad_input_is_a_clear_error_before_any_model_loads(changes, message, ckpt, videos, tmp_path, monkeypatch,
                                                            capsys):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import adapters
 import data
 import ddim
+import loader
 import sample
 import simda
 import train
@@ -149,7 +150,7 @@ def test_upscale_writes_the_video_at_4x_and_the_stage_one_video_beside_it(family
     common = ["--ckpt", ckpt, "--frames", "2", "--size", "16", "--steps", "2"]
     sample.main([PROMPT, *common, "--sr-ckpt", x4_file, "--upscale", "--sr-steps", "2", "--out", str(out)])
     err = capsys.readouterr().err
-    assert f"{family} checkpoint" in err and "upscaling 2 frames of 16x16 to 64x64, 2 steps" in err, err
+    assert f"{family} checkpoint" in err and "upscaling 2 frames of 16x16 to 64x64, 2 ddim steps" in err, err
     assert "no --sr-adapters" in err
     lowres = tmp_path / "v-lowres.gif"
     assert sorted(os.listdir(tmp_path)) == ["v-lowres.gif", "v.gif"]
@@ -247,7 +248,7 @@ def test_make_inputs_on_the_upscaler_pairs_the_clip_with_its_noised_x4_downscale
     frames, seed, gs = 2, 7, [0, 1, 2, 5, 11, 12]
     clips = [torch.rand(frames, 3, 64, 64, generator=g) * 2 - 1 for _ in gs]
     batch = [(c, f"caption {i}") for i, c in enumerate(clips)]
-    x, t, target, context, labels = train.make_inputs(pipe, batch, gs, seed, torch.device("cpu"))
+    x, t, target, context, labels = loader.make_inputs(pipe, batch, gs, seed, torch.device("cpu"))
     assert x.shape == (len(gs), 7, frames, 16, 16) and context.shape == (len(gs), 77, 128)
     assert labels.shape == (len(gs),) and labels.dtype == torch.long
     assert labels.min() >= 0 and labels.max() < simda.MAX_NOISE_LEVEL == 350

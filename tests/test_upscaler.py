@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import adapters
-import bench
+import bench_unet
 import clip_text
 import ddim
 import simda
@@ -434,7 +434,7 @@ def test_x4_single_file_as_a_real_one_loads_with_every_model_key_consumed(tmp_pa
 
     # diffusers' converter reads our label_emb as its class_embedding (its model-type guess needs the
     # full-size layout, input_blocks.10: see the full-size test)
-    config = bench.diffusers_unet_config(x4_pipe.unet.config)
+    config = bench_unet.diffusers_unet_config(x4_pipe.unet.config)
     converted = convert_ldm_unet_checkpoint(sd, config)
     assert torch.equal(converted["class_embedding.weight"], x4_pipe.unet.label_emb.weight)
     peer = diffusers_unet(ldm=sd, config=x4_pipe.unet.config)
@@ -662,7 +662,7 @@ def count(model):
 
 def test_full_size_x4_unet_parameters_and_simda_trainable_count():
     """On the meta device: our full x4 UNet has as many parameters as diffusers' UNet2DConditionModel built
-    from our config (bench.diffusers_unet_config) and from the official yaml by diffusers' own single-file
+    from our config (bench_unet.diffusers_unet_config) and from the official yaml by diffusers' own single-file
     config builder; its weights' shapes give back the config; SimDA trains 17.9M parameters on it."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm, infer_diffusers_model_type
@@ -675,7 +675,7 @@ def test_full_size_x4_unet_parameters_and_simda_trainable_count():
         warnings.simplefilter("ignore")
         official = create_unet_diffusers_config_from_ldm(X4_YAML, ldm)
     with torch.device("meta"):
-        peer = UNet2DConditionModel(**bench.diffusers_unet_config(FULL_X4))
+        peer = UNet2DConditionModel(**bench_unet.diffusers_unet_config(FULL_X4))
         from_yaml = UNet2DConditionModel(**official)
     assert unet_module.config_from_state_dict(ours.state_dict(), X4.unet_heads, X4.unet_head_channels,
                                               X4.upcast_attention) == FULL_X4
