@@ -41,6 +41,17 @@ def captioned(folder, name, caption, **kwargs):
     return path
 
 
+def write_folder_with_bad_videos(root):
+    """A captioned folder: three good videos (a.mp4, b.mp4, c.gif), a too-short one and a corrupt one."""
+    for i, name in enumerate(["a.mp4", "b.mp4", "c.gif"]):
+        captioned(root, name, f"video {i}")
+    captioned(root, "short.mp4", "too short", frames=3)
+    write_corrupt(os.path.join(root, "corrupt.mp4"))
+    with open(os.path.join(root, "corrupt.txt"), "w") as f:
+        f.write("corrupt")
+    return root
+
+
 def to_level(x):
     """[-1, 1] back to 0..255."""
     return (x + 1) * 127.5

@@ -11,7 +11,7 @@ import torch
 
 import data
 import loader
-from test_data import captioned, write_corrupt
+from test_data import write_folder_with_bad_videos
 from test_shards import sample, write_shard
 
 CPU = torch.device("cpu")
@@ -20,14 +20,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     """A captioned folder: three good videos, a corrupt one and a too-short one."""
-    root = str(tmp_path_factory.mktemp("videos"))
-    for i, name in enumerate(["a.mp4", "b.mp4", "c.gif"]):
-        captioned(root, name, f"video {i}")
-    captioned(root, "short.mp4", "too short", frames=3)
-    write_corrupt(os.path.join(root, "corrupt.mp4"))
-    with open(os.path.join(root, "corrupt.txt"), "w") as f:
-        f.write("corrupt")
-    return root
+    return write_folder_with_bad_videos(str(tmp_path_factory.mktemp("videos")))
 
 
 @pytest.fixture(scope="module")

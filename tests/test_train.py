@@ -16,7 +16,7 @@ import simda
 import train
 from adapters import SimDAConfig
 from conftest import ROOT, rel_err
-from test_data import captioned, write_corrupt
+from test_data import captioned, write_corrupt, write_folder_with_bad_videos
 from test_shards import sample, write_shard
 
 # conftest's one_thread: one thread, as each torchrun process gets (faster on a shared machine, the same numerics)
@@ -35,14 +35,7 @@ def ckpt(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     """Three captioned 10-frame videos, a corrupt one and a too-short one."""
-    root = str(tmp_path_factory.mktemp("videos"))
-    for i, name in enumerate(["a.mp4", "b.mp4", "c.gif"]):
-        captioned(root, name, f"video {i}")
-    captioned(root, "short.mp4", "too short", frames=3)
-    write_corrupt(os.path.join(root, "corrupt.mp4"))
-    with open(os.path.join(root, "corrupt.txt"), "w") as f:
-        f.write("corrupt")
-    return root
+    return write_folder_with_bad_videos(str(tmp_path_factory.mktemp("videos")))
 
 
 def run(*argv):
