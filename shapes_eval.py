@@ -115,6 +115,10 @@ def table(results, columns, what="method"):
     return "\n".join(lines)
 
 
+def show_row(results, name, columns):
+    print(table({name: results[name]}, columns, "model").splitlines()[-1], file=sys.stderr, flush=True)
+
+
 def sr_clips(seeds, frames=shapes.FRAMES, size=shapes.SIZE):
     """Every caption of the world once per seed: the true videos [N, 3, F, 4 size, 4 size] in [-1, 1],
     drawn at 4x from scenes of `size` pixels, their captions, and the seed of each."""
@@ -204,7 +208,7 @@ def main_sr(argv):
                 videos = upscale_all(upscaler, low_res, captions, seeds, sampling, args.guidance, args.noise_level,
                                      args.batch_size, row)
                 results[row] = sr_scores(videos, truth_frames, captions)
-                print(table({row: results[row]}, SR_COLUMNS).splitlines()[-1], file=sys.stderr, flush=True)
+                show_row(results, row, SR_COLUMNS)
         chosen = {name: upscalers[name] for name in chosen}
         end_to_end = sr_end_to_end(args, chosen) if chosen else {}
     except ValueError as e:
@@ -321,7 +325,7 @@ def main_shapes(argv):
                 os.makedirs(save_dir, exist_ok=True)
             scores = evaluate_row(pipe, jobs, frames, height, width, sampling, args.guidance, args.batch_size, save_dir)
             results[name], everything[name] = shapes.summarise(scores), scores
-            print(table({name: scores}, COLUMNS, "model").splitlines()[-1], file=sys.stderr, flush=True)
+            show_row({name: scores}, name, COLUMNS)
     except ValueError as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -331,24 +335,23 @@ def main_shapes(argv):
     print(f"(every score: {args.out})", file=sys.stderr)
 
 
-def centroids(video, colour):
-    """[F, 2]: each frame's centroid (x, y) of the largest object of `colour`, NaN where there is none."""
-    mine = [[o["centroid"] for o in objects if o["colour"] == colour] for objects in shapes.track(video)]
-    return np.array([found[0] if found else (np.nan, np.nan) for found in mine])
+def centroids(tracks, colour):
+    """[F, 2]: per frame of shapes.track's `tracks`, the centroid (x, y) of the largest `colour` object (NaN: none)."""
+    return np.array([next((o["centroid"] for o in f if o["colour"] == colour), (np.nan, np.nan)) for f in tracks])
 
 
-def kept(video, colour, shape):
-    """The fraction of frames whose largest object has the colour and the shape."""
-    return float(np.mean([bool(f) and (f[0]["colour"], f[0]["shape"]) == (colour, shape) for f in shapes.track(video)]))
+def kept(tracks, colour, shape):
+    """The fraction of frames (shapes.track's `tracks`) whose largest object has the colour and the shape."""
+    return float(np.mean([bool(f) and (f[0]["colour"], f[0]["shape"]) == (colour, shape) for f in tracks]))
 
 
 def i2v_scores(video, truth, caption, exact):
     """Image-to-video: `video` sampled after `truth`'s frame 0 (uint8 [F, H, W, 3] both); `exact`: its frame-0
     latents are the given ones bitwise (None: not sampled)."""
-    colour, shape, _ = shapes.parse_caption(caption)
-    c, base = centroids(video, colour), shapes.score(video, caption)
+    (colour, shape, _), tracks = shapes.parse_caption(caption), shapes.track(video)
+    c, base = centroids(tracks, colour), shapes.score(video, caption)
     jump = float(np.hypot(*(c[1] - c[0])))  # NaN where frame 0 or 1 shows no such object: no continuity
-    return {"motion_correct": base["motion_correct"], "kept": kept(video, colour, shape),
+    return {"motion_correct": base["motion_correct"], "kept": kept(tracks, colour, shape),
             "continuity": float(jump <= 3 * video.shape[2] / 32), "jump": jump, "smoothness": base["smoothness"],
             "stray_fraction": base["stray_fraction"], "first_exact": float("nan") if exact is None else float(exact),
             "first_error": float(np.abs(video[0].astype(np.float64) - truth[0]).mean())}
@@ -358,12 +361,13 @@ def continue_scores(whole, truth, caption, clip):
     """Continuation: `whole` is truth's first `clip` frames and the frames sampled after them (uint8 [F, H, W, 3]);
     the seam jump is the first new centroid's distance from where the clip's mean step would put it."""
     colour, shape, _ = shapes.parse_caption(caption)
-    c, drawn = centroids(whole, colour), centroids(truth, colour)
+    c, drawn = centroids(shapes.track(whole), colour), centroids(shapes.track(truth), colour)
     step = (c[clip - 1] - c[0]) / (clip - 1)
     seam = float(np.hypot(*(c[clip] - c[clip - 1] - step)))
     course = np.hypot(*(c[clip:] - drawn[clip:len(whole)]).T)
     return {"motion_correct": shapes.score(whole[clip - 1:], caption)["motion_correct"],
-            "kept": kept(whole[clip:], colour, shape), "no_jump": float(seam <= 3 * whole.shape[2] / 32), "seam": seam,
+            "kept": kept(shapes.track(whole[clip:]), colour, shape),
+            "no_jump": float(seam <= 3 * whole.shape[2] / 32), "seam": seam,
             "course": float(np.nanmean(course)) if np.isfinite(course).any() else float("nan"),
             "smoothness": shapes.score(whole, caption)["smoothness"]}
 
@@ -383,10 +387,6 @@ def extend_all(pipe, pixels, captions, seeds, frames, sampling, guidance, batch_
                 out[i], exact[i] = video.numpy(), torch.equal(lat[:, :g.shape[1]], g)
             progress.show(sum(v is not None for v in out))
     return np.stack(out), exact
-
-
-def show_row(results, name, columns):
-    print(table({name: results[name]}, columns, "model").splitlines()[-1], file=sys.stderr, flush=True)
 
 
 def i2v_parser():
