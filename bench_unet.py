@@ -282,7 +282,6 @@ def run_case(case, args):
         if case == "simda_distill":  # x stands for clean latents; the empty prompt's text is zeros
             pipe = SimpleNamespace(unet=model, prediction="epsilon", alphas=None,
                                    text_context=lambda prompts: torch.zeros_like(context[:1]))
-            distiller = distill.Distiller(pipe, distill.Settings("random adapters"))
             loss = lambda: distiller.consistency_loss(model, x, context, list(range(b)), 0)  # noqa: E731
     else:
         model = model.to(device, dtype)
@@ -292,13 +291,13 @@ def run_case(case, args):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if trains else 0
     if trains:  # a whole training step: forward, backward, AdamW update
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        if case == "simda_distill":  # its target follows the optimizer's steps
+            distiller = distill.Distiller(pipe, distill.Settings("random adapters"), optimizer)
 
         def train_step():
             loss().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if case == "simda_distill":
-                distiller.update_target()
         step = train_step
     if case.endswith("forward"):
         model.eval()

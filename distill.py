@@ -121,13 +121,18 @@ def draw(seed, gs, settings, like):
 class Distiller:
     """The teacher's and the target's adapters beside the student's (the UNet's own), and the consistency loss."""
 
-    def __init__(self, pipe, settings):
+    def __init__(self, pipe, settings, optimizer, state=None):
+        """Before train.py's resume loads the student: the UNet holds the teacher's adapters. The target follows
+        every step of `optimizer` (a post-step hook); `state`: a saved run's state.pt, whose target it takes."""
         self.pipe, self.settings = pipe, settings
         self.student = {k: p for k, p in pipe.unet.named_parameters() if p.requires_grad}
         self.teacher = {k: v.detach().clone() for k, v in adapter_state_dict(pipe.unet).items()}
         self.target = {k: v.clone() for k, v in self.teacher.items()} if settings.ema_rate > 0 else None
         self.uncond = pipe.text_context([""])  # the teacher's unconditional side: the empty prompt
         pipe.distilled = metadata(settings)  # what validation samples with
+        optimizer.register_step_post_hook(lambda *_: self.update_target())
+        if state is not None:
+            self.load_state_dict(state.get("target", {}), "state.pt")
 
     def loss(self, model, batch, gs, seed, device):
         """The consistency distillation loss of the samples gs ([(clip, caption)]: `batch`, as train.py's

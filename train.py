@@ -240,7 +240,7 @@ def build_run(args):
               torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay),
               torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
               (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext)
-    run.distiller = args.distill_settings and distill.Distiller(pipe, args.distill_settings)  # before resume's load
+    run.distiller = args.distill_settings and distill.Distiller(pipe, args.distill_settings, run.optimizer, state)
     if state is not None:
         resume(run, state)
     cache = loader.cache_latents(pipe.vae, dataset, args.seed, rank, world, device) if args.cache_latents else None
@@ -302,8 +302,6 @@ def train_step(run):
         run.scaler.update()
     else:
         run.optimizer.step()
-    if run.distiller:
-        run.distiller.update_target()
     run.step += 1
     return value
 
@@ -359,8 +357,6 @@ def resume(run, state):
     path = os.path.join(run.args.out, "state.pt")
     simda.load_adapters(run.pipe.unet, state["adapters"], path)
     run.optimizer.load_state_dict(state["optimizer"])
-    if run.distiller:
-        run.distiller.load_state_dict(state.get("target", {}), path)
     if run.scaler and state["scaler"]:
         run.scaler.load_state_dict(state["scaler"])
     changed = [f"{k} {v} -> {run.config.get(k)}" for k, v in state["config"].items() if run.config.get(k) != v]

@@ -34,8 +34,9 @@ def teacher(tiny_checkpoint, tmp_path_factory):
 def distiller(ckpt, teacher, **settings):
     """A Distiller on a pipeline whose student adapters have moved away from the teacher's."""
     pipe = simda.load_pipeline(ckpt, adapters=teacher)
-    freeze_for_training(pipe.unet)
-    d = distill.Distiller(pipe, distill.Settings(teacher, **settings))
+    optimizer = torch.optim.AdamW(freeze_for_training(pipe.unet), lr=3e-3)
+    d = distill.Distiller(pipe, distill.Settings(teacher, **settings), optimizer)
+    d.optimizer = optimizer  # the tests' handle on it
     perturb_adapters_(pipe.unet, seed=6, scale=0.02)
     return d
 
@@ -94,15 +95,16 @@ def test_a_few_distillation_steps_lower_the_loss_on_a_fixed_batch(tiny_checkpoin
     dataset = distill.data.ShapesDataset(4, 16, seed=0, caption_dropout=0)
     gs = [0, 1, 2, 3]
     batch = [dataset.sample(g) for g in gs]
-    optimizer = torch.optim.AdamW(list(d.student.values()), lr=3e-3)
-    losses = []
+    optimizer = d.optimizer  # the target follows its steps
+    losses, target = [], {k: v.clone() for k, v in d.target.items()}
     for _ in range(6):
         loss = d.loss(d.pipe.unet, batch, gs, 0, torch.device("cpu"))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        d.update_target()
+        distill.ema_(target, d.student, 0.95)
         losses.append(loss.item())
+    assert all(torch.equal(target[k], d.target[k]) for k in target)  # one EMA update a step, after it
     assert losses[-1] < 0.8 * losses[0], losses
 
 
