@@ -349,8 +349,7 @@ def make_plan(args, prompts):
     upscaling = args.upscale or args.upscale_video is not None
     sr_ckpt, sr_adapters = pick_upscaler(args, ckpt is None or demo) if upscaling else (None, None)
     meta = simda.read_adapters(adapters)[1] if adapters else {}
-    sampler, steps, guidance = stage_one_sampling(args, simda.DEMO_SAMPLING if demo else simda.SD_SAMPLING, adapters,
-                                                  meta)
+    sampler, steps, guidance = stage_one_sampling(args, simda.DEMO_SAMPLING if demo else simda.SD_SAMPLING, adapters, meta)
     demo_sr = is_demo(sr_ckpt, simda.DEMO_UPSCALER)
     sr_sampler, sr_steps = sampling(args, simda.DEMO_SR_SAMPLING if demo_sr else simda.SR_SAMPLING, args.sr_steps,
                                     upscaler=True)
