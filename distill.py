@@ -16,7 +16,6 @@ One step, per sample: the clean latents x0 and the text of every run's data, the
 and after the optimizer's step, target <- rate * target + (1 - rate) * student. The adapter file of a distilled run
 says so in its metadata ("distilled": the teacher, k, the guidance range), which sample.py reads to sample with lcm.
 """
-import os
 from dataclasses import asdict, dataclass
 
 import torch

@@ -7,8 +7,8 @@ second stage, the same way (`load_upscaler`, then `.upscale`).
 
 Sampling is DDIM (ddim.py) or DPM-Solver++ (dpm_solver.py) with classifier-free guidance: the conditional and the unconditional
 (negative prompt) predictions come from one batched UNet call; or, for adapters distilled into a consistency
-model (train.py --distill), the few-step consistency sampler (lcm.py), one call a step on the prompt alone. What the UNet predicts, the noise or
-v (SD 2.x 768-v, the upscaler), is the pipeline's `prediction`; checkpoint.py infers it, the user
+model (train.py --distill), the few-step consistency sampler (lcm.py), one call a step on the prompt alone. What
+the UNet predicts, the noise or v (SD 2.x 768-v, the upscaler), is the pipeline's `prediction`; checkpoint.py infers it, the user
 may override it. The starting noise is drawn on the CPU from a generator seeded with `seed` and
 then moved, so the same seed on the same device gives the same video. `invert` is DDIM inversion,
 for one-shot editing (the paper's Sec. 3.4). `animate` and `continue_video` go beyond the paper: frames
@@ -204,8 +204,9 @@ class Pipeline:
     def __call__(self, prompts, frames=DEFAULT_FRAMES, height=DEFAULT_SIZE, width=DEFAULT_SIZE, steps=50, guidance=7.5,
                  negative="", eta=0.0, seed=0, latents=None, progress=True, sampler="ddim"):
         """Sample one video per prompt -> uint8 tensor [B, F, H, W, 3] with `steps` of `sampler` ("ddim", "dpm++", or
-        "lcm" for distilled adapters, which runs the guidance distilled into them: `guidance` is not used). `latents`: start from these scaled latents [B, 4, F, h, w] (e.g. DDIM-inverted ones, which
-        only DDIM replays) instead of seeded noise."""
+        "lcm" for distilled adapters, which runs the guidance distilled into them: `guidance` is not used).
+        `latents`: start from these scaled latents [B, 4, F, h, w] (e.g. DDIM-inverted ones, which only DDIM
+        replays) instead of seeded noise."""
         if self.is_upscaler:
             raise ValueError(f"this pipeline is {self.family}: call .upscale(low_res, prompts), not the pipeline")
         prompts = as_prompts(prompts)
