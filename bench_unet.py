@@ -10,6 +10,8 @@ the values. The cases:
   diffusers_forward  diffusers' UNet2DConditionModel with the same weights, forward
   simda_forward      the SimDA video UNet (adapters + latent-shift attention), forward
   simda_train        one adapter-only training step (forward + backward), gradient checkpointing on
+  simda_distill      one consistency distillation step of the adapters (train.py --distill: the teacher's
+                     guided pass, the target's, the student's forward + backward; distill.py) on the same UNet
   animatediff_train  the same step for diffusers' AnimateDiff (UNetMotionModel + MotionAdapter,
                      only the motion modules trainable), gradient checkpointing on
 """
@@ -21,16 +23,18 @@ import statistics
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
+import distill
 import runtime
 import unet as unet_module
 from adapters import SimDAConfig, freeze_for_training
 from checkpoint import UNET_PREFIX
 from video import frames_to_batch
 
-CASES = ["sd_forward", "diffusers_forward", "simda_forward", "simda_train", "animatediff_train"]
+CASES = ["sd_forward", "diffusers_forward", "simda_forward", "simda_train", "simda_distill", "animatediff_train"]
 
 
 def diffusers_unet_config(c):
@@ -247,7 +251,7 @@ def run_case(case, args):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     h = w = args.size // 8
-    b = args.batch_size if case.endswith("train") else 1
+    b = args.batch_size if case.endswith(("train", "distill")) else 1  # the training steps' batch
     x = torch.randn(b, config.in_channels, args.frames, h, w, generator=g).to(device, dtype)
     t = torch.full((b,), 500, device=device)
     context = torch.randn(b, 77, config.context_dim, generator=g).to(device, dtype)
@@ -269,19 +273,26 @@ def run_case(case, args):
         model.train()
         context_per_frame = context.repeat_interleave(args.frames, 0)  # AnimateDiff wants [B*F, 77, D]
         loss = lambda: model(x, t, encoder_hidden_states=context_per_frame).sample.float().square().mean()  # noqa: E731
-    elif case == "simda_train":
+    elif case in ("simda_train", "simda_distill"):
         model = model.to(device, dtype)
         freeze_for_training(model)
         model.gradient_checkpointing = True
         model.train()
         loss = lambda: model(x, t, context).float().square().mean()  # noqa: E731
+        if case == "simda_distill":  # x stands for clean latents; the empty prompt's text is zeros
+            pipe = SimpleNamespace(unet=model, prediction="epsilon", alphas=None,
+                                   text_context=lambda prompts: torch.zeros_like(context[:1]))
+            loss = lambda: distiller.consistency_loss(model, x, context, list(range(b)), 0)  # noqa: E731
     else:
         model = model.to(device, dtype)
         step = lambda: model(x, t, context)  # noqa: E731
 
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if case.endswith("train") else 0
-    if case.endswith("train"):  # a whole training step: forward, backward, AdamW update
+    trains = case.endswith(("train", "distill"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if trains else 0
+    if trains:  # a whole training step: forward, backward, AdamW update
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        if case == "simda_distill":  # its target follows the optimizer's steps
+            distiller = distill.Distiller(pipe, distill.Settings("random adapters"), optimizer)
 
         def train_step():
             loss().backward()
@@ -340,6 +351,8 @@ def bench_cases(args):
     ratio("simda_forward", "sd_forward", "seconds", 1.3)
     ratio("simda_train", "animatediff_train", "seconds", round(1 / 1.5, 3))  # throughput >= 1.5x AnimateDiff's
     ratio("simda_train", "animatediff_train", "peak_gb", 0.8)
+    ratio("simda_distill", "simda_train", "seconds", 2.5)  # three passes without gradient beside the student's step
+    ratio("simda_distill", "simda_train", "peak_gb", 1.2)  # the memory of a normal run: one UNet, three adapter sets
     if "simda_train" in results:
         print(f"simda_train peak memory: {results['simda_train']['peak_gb']:.3g} GB at batch {args.batch_size} "
               f"(the paper: under 8 GB at batch 1, 16x256x256)")

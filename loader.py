@@ -57,12 +57,9 @@ def loss_mask(given, frames, device):
 
 
 @torch.no_grad()
-def make_inputs(pipe, batch, gs, seed, device, timestep_bias=0.0, given=None):
-    """(UNet input, timesteps, target, text context, class labels) for the samples gs: [(clip or (mean, logvar),
-    caption)]. The input is the noisy latents; the target what the UNet should output, the noise or v (the
-    pipeline's prediction). For the upscaler, the input also holds the clip downscaled x4 and noised to a
-    random level (the class label); else the labels are None. `given` (draw_given's counts): those first frames
-    of a sample are its clean latents at timestep 0, and the timesteps are then per frame [B, F]."""
+def clean_latents(pipe, batch, gs, seed, device):
+    """(scaled latents [B, 4, F, h, w]: a posterior sample of each clip, text context [B, 77, D]) of the samples gs:
+    [(clip or cached (mean, logvar), caption)]."""
     clips, captions = zip(*batch)
     context = pipe.text_context(list(captions))
     if isinstance(clips[0], tuple):  # cached posterior moments, each [4, F, h, w]
@@ -71,6 +68,17 @@ def make_inputs(pipe, batch, gs, seed, device, timestep_bias=0.0, given=None):
         mean, logvar = (m.float() for m in pipe.vae.encode_video(stack_clips(clips).to(device)))
     latents = torch.stack([vae_module.sample(m, lv, data.generator(seed, "posterior", g))
                            for m, lv, g in zip(mean, logvar, gs)]) * pipe.latent_scale
+    return latents, context
+
+
+@torch.no_grad()
+def make_inputs(pipe, batch, gs, seed, device, timestep_bias=0.0, given=None):
+    """(UNet input, timesteps, target, text context, class labels) for the samples gs: [(clip or (mean, logvar),
+    caption)]. The input is the noisy latents; the target what the UNet should output, the noise or v (the
+    pipeline's prediction). For the upscaler, the input also holds the clip downscaled x4 and noised to a
+    random level (the class label); else the labels are None. `given` (draw_given's counts): those first frames
+    of a sample are its clean latents at timestep 0, and the timesteps are then per frame [B, F]."""
+    latents, context = clean_latents(pipe, batch, gs, seed, device)
     gens = [data.generator(seed, "noise", g) for g in gs]
     t = torch.cat([ddim.draw_timestep(gen, timestep_bias) for gen in gens]).to(device)
     noise = torch.stack([torch.randn(latents.shape[1:], generator=gen) for gen in gens]).to(device)
@@ -82,7 +90,7 @@ def make_inputs(pipe, batch, gs, seed, device, timestep_bias=0.0, given=None):
             x[i, :, :count], t[i, :count] = latents[i, :, :count], 0
     if pipe.is_upscaler:
         # x4-upscaling.yaml's training: the low-res image at a noise level drawn uniformly from 0..349
-        low_res = resample(stack_clips(clips).to(device), 1 / simda.UPSCALE)
+        low_res = resample(stack_clips([clip for clip, _ in batch]).to(device), 1 / simda.UPSCALE)
         gens = [data.generator(seed, "low-res", g) for g in gs]
         levels = torch.cat([torch.randint(0, simda.MAX_NOISE_LEVEL, (1,), generator=gen) for gen in gens]).to(device)
         low_noise = torch.stack([torch.randn(low_res.shape[1:], generator=gen) for gen in gens]).to(device)

@@ -86,8 +86,6 @@ def edit_latents(args, pipe, meta, plan):
     return latents
 
 
-
-
 def read_image(path):
     """uint8 [1, H, W, 3]: --image's picture (any format pillow reads), as one frame."""
     if not os.path.isfile(path):
@@ -128,15 +126,15 @@ def read_given(args, plan, meta):
 
 def sample_given(args, plan, pipe, prompt, pixels):
     """uint8 [F, H, W, 3]: --image animated (frame 0 its VAE round trip), or --continue's clip and its new frames."""
-    what = f"{plan.steps} {plan.sampler} steps, guidance {args.guidance}"
+    what = f"{plan.steps} {plan.sampler} steps, guidance {plan.guidance}"
     if args.image:
         print(f"{prompt!r}: {plan.frames} frames of {plan.width}x{plan.height} from {args.image} (frame 0: its VAE "
               f"round trip), {what}", file=sys.stderr)
-        return pipe.animate(pixels[0, :, 0], prompt, plan.frames, plan.steps, args.guidance, args.negative, args.eta,
+        return pipe.animate(pixels[0, :, 0], prompt, plan.frames, plan.steps, plan.guidance, args.negative, args.eta,
                             args.seed, sampler=plan.sampler)[0]
     print(f"{prompt!r}: {plan.frames} more frames after the last {plan.given_frames} of {args.continue_clip} "
           f"({pixels.shape[2]} frames of {plan.width}x{plan.height}), {what}", file=sys.stderr)
-    new = pipe.continue_video(pixels, prompt, plan.frames, plan.given_frames, plan.steps, args.guidance,
+    new = pipe.continue_video(pixels, prompt, plan.frames, plan.given_frames, plan.steps, plan.guidance,
                               args.negative, args.eta, args.seed, sampler=plan.sampler)[0]
     return torch.cat([to_uint8(pixels[0].movedim(0, -1)), new])  # the clip as read, then the new frames
 
@@ -177,18 +175,17 @@ def build_parser():
     add("--adapters", metavar="PATH", help="SimDA adapter file from train.py (default: none, the plain image model, "
                                            "every frame on its own)")
     add("--frames", type=int, help=f"frames per video (default: the adapters' metadata, else {DEFAULT_FRAMES}); "
-                                   "--continue: the frames added (default: the adapters' frames less their given "
-                                   "frames)")
+                                   "--continue: the frames added (default: the adapters' frames less their given ones)")
     add("--size", type=int, help=f"square size in pixels (default: the adapters' metadata, else {DEFAULT_SIZE})")
     add("--width", type=int, help="width in pixels, instead of --size (default: as --size)")
     add("--height", type=int, help="height in pixels, instead of --size (default: as --size)")
     add("--sampler", choices=list(simda.SAMPLERS),
-        help=f"ddim or dpm++ (DPM-Solver++(2M)), for both stages (default: {simda.SD_SAMPLING[0]} for SD, "
-             f"{simda.DEMO_SAMPLING[0]} for the demo; the upscaler's: {simda.SR_SAMPLING[0]}, the demo's "
-             f"{simda.DEMO_SR_SAMPLING[0]}; --edit and --inverted: ddim, the only one that replays an inversion)")
+        help=f"ddim or dpm++ (DPM-Solver++(2M)), for both stages, or lcm for distilled adapters (default: lcm for those, "
+             f"else {simda.SD_SAMPLING[0]} for SD and the demo; the upscaler's: {simda.SR_SAMPLING[0]}; --edit and "
+             f"--inverted: ddim, the only one that replays an inversion)")
     add("--steps", type=int, help=f"sampler steps (default: for SD {steps_text(simda.SD_SAMPLING)}; for the demo "
-                                  f"{steps_text(simda.DEMO_SAMPLING)})")
-    add("--guidance", type=float, default=7.5, help="classifier-free guidance scale, 1: none (default: %(default)s)")
+                                  f"{steps_text(simda.DEMO_SAMPLING)}; lcm {simda.LCM_STEPS})")
+    add("--guidance", type=float, help="classifier-free guidance scale, 1: none (default: 7.5; lcm: distilled in)")
     add("--negative", default="", help="negative prompt, the unconditional side of guidance (default: empty)")
     add("--eta", type=float, default=0.0, help="DDIM eta, 0: deterministic (default: %(default)s)")
     add("--seed", type=int, default=0, help="seed of the starting noise, the same for each prompt (default: 0)")
@@ -209,19 +206,16 @@ def build_parser():
     stage.add_argument("--upscale-video", metavar="CLIP", help="upscale this video x4 instead of sampling one (read at "
                                                                "--size/--frames/--stride; the prompt describes it)")
     sr.add_argument("--sr-ckpt", metavar="PATH", help=f"x4 upscaler checkpoint (default: $SIMDA_SR_CKPT, else "
-                                                      f"{simda.DEFAULT_SR_CHECKPOINT}, else, when stage one is the "
-                                                      f"demo model or the clip is given, the demo's upscaler and its "
-                                                      f"adapters)")
+                                                      f"{simda.DEFAULT_SR_CHECKPOINT}, else, when stage one is the demo "
+                                                      f"model or the clip is given, the demo's upscaler and its adapters)")
     sr.add_argument("--sr-adapters", metavar="PATH", help="SimDA adapters for the upscaler, from train.py --stage sr "
                                                           "(default: none, the image upscaler frame by frame)")
-    sr.add_argument("--sr-steps", type=int, help=f"sampler steps of the upscaler (default: "
-                                                 f"{steps_text(simda.SR_SAMPLING)}; the demo's: "
-                                                 f"{steps_text(simda.DEMO_SR_SAMPLING)})")
+    sr.add_argument("--sr-steps", type=int, help=f"sampler steps of the upscaler (default: {steps_text(simda.SR_SAMPLING)}; "
+                                                 f"the demo's: {steps_text(simda.DEMO_SR_SAMPLING)})")
     sr.add_argument("--sr-guidance", type=float, help=f"guidance of the upscaler (default: {simda.SR_GUIDANCE}; the "
                                                       f"demo's: {simda.DEMO_SR_GUIDANCE})")
     sr.add_argument("--frame-chunk", type=int, default=0, help="run the upscaler UNet's per-frame layers on this many "
-                                                               "frames at a time: less memory, the same result "
-                                                               "(default: 0, all at once)")
+                                                               "frames at a time: less memory, the same result (default: 0, all at once)")
     sr.add_argument("--noise-level", type=int, default=20, help=f"noise added to the low-res video, 0..."
                                                                  f"{simda.MAX_NOISE_LEVEL - 1} (default: %(default)s)")
     return p
@@ -241,7 +235,8 @@ def pick_models(args):
     print(f"no SD weights found: using the built-in demo model (moving shapes at 32x32, prompts like 'a red circle "
           f"moving left'); for Stable Diffusion put {simda.DEFAULT_CHECKPOINT} in place, or pass --ckpt",
           file=sys.stderr)
-    return simda.DEMO_CHECKPOINT, args.adapters or simda.DEMO_ADAPTERS
+    return simda.DEMO_CHECKPOINT, args.adapters or (simda.DEMO_LCM_ADAPTERS if args.sampler == "lcm" else
+                                                    simda.DEMO_ADAPTERS)
 
 
 def pick_upscaler(args, demo_stage_one):
@@ -270,10 +265,23 @@ def checked(flag, check, *values):
 
 def sampling(args, defaults, steps, upscaler=False):
     """(sampler, steps) of a stage: the flags, else the model's `defaults` (sampler, {sampler: steps})."""
-    sampler = "ddim" if (args.edit or args.inverted) and not upscaler else args.sampler or defaults[0]
+    chosen = None if upscaler and args.sampler == "lcm" else args.sampler  # lcm is stage one's: no upscaler is distilled
+    sampler = "ddim" if (args.edit or args.inverted) and not upscaler else chosen or defaults[0]
     steps = steps if steps is not None else defaults[1][sampler]
     checked("--sr-steps" if upscaler else "--steps", simda.check_sampling, sampler, steps, args.eta)
     return sampler, steps
+
+
+def stage_one_sampling(args, defaults, adapters, meta):
+    """(sampler, steps, guidance) of stage one; distilled adapters (`meta`) default to lcm, which alone they take."""
+    distilled = meta.get("distilled")
+    sampler, steps = sampling(args, ("lcm" if distilled else defaults[0], {**defaults[1], "lcm": simda.LCM_STEPS}),
+                              args.steps)
+    if sampler == "lcm" and not distilled:
+        raise ValueError(f"--sampler lcm samples distilled adapters (train.py --distill): {adapters or 'none'} are not")
+    if sampler == "lcm" and args.guidance not in (None, 1):
+        raise ValueError(f"--guidance: lcm samples the guidance distilled into the adapters ({distilled['guidance']})")
+    return sampler, steps, 1.0 if sampler == "lcm" else 7.5 if args.guidance is None else args.guidance
 
 
 def check_flags(args):
@@ -323,6 +331,7 @@ class Plan:
     width: int
     fps: int
     given_frames: int = 0  # --image, --continue: the first frames given (1, or the adapters' given frames)
+    guidance: float = 7.5  # stage one's (lcm: 1, the guidance distilled into the adapters)
 
 
 def make_plan(args, prompts):
@@ -339,13 +348,13 @@ def make_plan(args, prompts):
                   f"DIRECTION {'|'.join(shapes.DIRECTIONS)}", file=sys.stderr)
     upscaling = args.upscale or args.upscale_video is not None
     sr_ckpt, sr_adapters = pick_upscaler(args, ckpt is None or demo) if upscaling else (None, None)
-    sampler, steps = sampling(args, simda.DEMO_SAMPLING if demo else simda.SD_SAMPLING, args.steps)
+    meta = simda.read_adapters(adapters)[1] if adapters else {}
+    sampler, steps, guidance = stage_one_sampling(args, simda.DEMO_SAMPLING if demo else simda.SD_SAMPLING, adapters, meta)
     demo_sr = is_demo(sr_ckpt, simda.DEMO_UPSCALER)
     sr_sampler, sr_steps = sampling(args, simda.DEMO_SR_SAMPLING if demo_sr else simda.SR_SAMPLING, args.sr_steps,
                                     upscaler=True)
     sr_guidance = args.sr_guidance if args.sr_guidance is not None else \
         simda.DEMO_SR_GUIDANCE if demo_sr else simda.SR_GUIDANCE
-    meta = simda.read_adapters(adapters)[1] if adapters else {}
     if args.upscale_video is not None and sr_adapters:  # the clip's default shape: what the adapters were trained on
         sr_meta = simda.read_adapters(sr_adapters)[1]
         meta = {k: sr_meta[k] // simda.UPSCALE for k in ("height", "width") if k in sr_meta}
@@ -358,7 +367,7 @@ def make_plan(args, prompts):
     if upscaling:  # the upscaler's UNet halves the low-res size three times
         check_shape(frames, height, width, 8, "as the upscaler's UNet halves the low-res video three times")
     return Plan(ckpt, adapters, sampler, steps, sr_ckpt, sr_adapters, sr_sampler, sr_steps, sr_guidance, frames, height,
-                width, args.fps or int(meta.get("fps", DEFAULT_FPS))), meta
+                width, args.fps or int(meta.get("fps", DEFAULT_FPS)), guidance=guidance), meta
 
 
 def load(args, plan):
@@ -392,8 +401,8 @@ def make_video(args, plan, pipe, upscaler, prompt, path, latents, given=None):
         video = sample_given(args, plan, pipe, prompt, given)
     elif pipe is not None:
         print(f"{prompt!r}: {frames} frames of {width}x{height}, {plan.steps} {plan.sampler} steps, guidance "
-              f"{args.guidance}", file=sys.stderr)
-        video = pipe(prompt, frames, height, width, plan.steps, args.guidance, args.negative, args.eta, args.seed,
+              f"{plan.guidance}", file=sys.stderr)
+        video = pipe(prompt, frames, height, width, plan.steps, plan.guidance, args.negative, args.eta, args.seed,
                      latents, sampler=plan.sampler)[0]
     else:
         clip = data.read_clip(args.upscale_video, frames, args.stride or 1, height, width, start=0)

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ ROWS = [
 ]
 COLUMNS = [("motion_correct", "motion direction", "%"), ("colour_correct", "colour", "%"), ("shape_correct", "shape", "%"),
            ("present_fraction", "object present (frames)", "%"), ("area_variation", "area variation", 3),
-           ("smoothness", "smoothness (0 = steady)", 3), ("stray_fraction", "stray blob (frames)", "%")]
+           ("smoothness", "smoothness (0 = steady)", 3), ("stray_fraction", "stray blob (frames)", "%"), ("seconds", "s / video", 3)]
 
 
 SR_ROWS = [
@@ -77,17 +78,18 @@ def prompts_and_seeds(seeds):
 
 
 def evaluate_row(pipe, jobs, frames, height, width, sampling, guidance, batch_size, save_dir=None):
-    """Sample (`sampling`: (sampler, steps)) and score every (prompt, seed) job; returns the list of score dicts."""
+    """Sample (`sampling`: (sampler, steps)) and score every (prompt, seed) job: score dicts, with each video's seconds."""
     scores = []
     progress = Progress("videos", len(jobs))
     for i in range(0, len(jobs), batch_size):
         batch = jobs[i:i + batch_size]
         for seed in sorted({s for _, s in batch}):  # a pipeline call takes one seed
-            prompts = [p for p, s in batch if s == seed]
+            prompts, start = [p for p, s in batch if s == seed], time.perf_counter()
             videos = pipe(prompts, frames, height, width, sampling[1], guidance, seed=seed, progress=False,
-                          sampler=sampling[0]).numpy()
+                          sampler=sampling[0]).numpy()  # lcm: the guidance distilled in
+            seconds = (time.perf_counter() - start) / len(prompts)  # sampling and decoding, per video of the call
             for prompt, video in zip(prompts, videos):
-                scores.append(shapes.score(video, prompt))
+                scores.append({**shapes.score(video, prompt), "seconds": seconds})
                 if save_dir:
                     save_video(video, os.path.join(save_dir, f"{len(scores) - 1:03d}-{prompt.replace(' ', '-')}.gif"))
         progress.show(len(scores))
@@ -246,7 +248,7 @@ def sr_end_to_end(args, upscalers):
 
 
 def add_sampling_flags(p, steps, sampler="ddim"):
-    p.add_argument("--sampler", choices=list(simda.SAMPLERS), default=sampler, help="ddim or dpm++ (default: %(default)s)")
+    p.add_argument("--sampler", choices=list(simda.SAMPLERS), default=sampler, help="ddim, dpm++ or lcm (default: %(default)s)")
     p.add_argument("--steps", type=int, default=steps, help="sampler steps (default: %(default)s)")
     p.add_argument("--sampling", metavar="SAMPLER:STEPS,...", help="instead of --sampler/--steps: every row once per "
                    "setting, e.g. ddim:50,dpm++:10 (the rows are named with it)")
@@ -284,9 +286,8 @@ def main_shapes(argv):
                                             "ablation table of the demo model (docs/demo.md).")
     p.add_argument("--ckpt", default=simda.DEMO_CHECKPOINT, help="image model (default: the demo model)")
     p.add_argument("--row", action="append", default=[], metavar="NAME=ADAPTERS",
-                   help="(sub-command 'sr': the second stage, see `evaluate.py sr --help`) "
-                        "a row: its name and adapter file (empty: the image model frame by frame); repeatable "
-                        "(default: the six rows of docs/demo.md)")
+                   help="(sub-command 'sr': the second stage, see `evaluate.py sr --help`) a row: its name and adapter "
+                        "file (empty: the image model frame by frame); repeatable (default: the six rows of docs/demo.md)")
     p.add_argument("--seeds", type=int, default=2, help="videos per caption, 48 captions (default: %(default)s)")
     p.add_argument("--frames", type=int, help=f"frames per video (default: the adapters' metadata, else {shapes.FRAMES})")
     p.add_argument("--size", type=int, help=f"frame size (default: the adapters' metadata, else {shapes.SIZE})")
@@ -305,8 +306,7 @@ def main_shapes(argv):
             if path and not os.path.exists(path):
                 if args.row:
                     raise ValueError(f"row {name!r}: adapter file not found: {path}")
-                print(f"skipping row {name!r}: no adapters at {path} (docs/demo.md says how to "
-                      f"train them)", file=sys.stderr)
+                print(f"skipping row {name!r}: no adapters at {path} (docs/demo.md says how to train them)", file=sys.stderr)
         rows = [(name, path) for name, path in rows if not path or os.path.exists(path)]
         if args.seeds < 1 or args.batch_size < 1:
             raise ValueError("--seeds and --batch-size must be at least 1")
@@ -318,7 +318,7 @@ def main_shapes(argv):
                 meta.get("frames", shapes.FRAMES), meta.get("height", shapes.SIZE), meta.get("width", shapes.SIZE)])
             name = named(name, sampling, settings)
             print(f"{name}: {len(jobs)} videos of {frames} frames at {width}x{height}, {sampling[1]} {sampling[0]} "
-                  f"steps, guidance {args.guidance}", file=sys.stderr, flush=True)
+                  f"steps, guidance {'distilled' if sampling[0] == 'lcm' else args.guidance}", file=sys.stderr, flush=True)
             pipe = simda.load_pipeline(args.ckpt, dtype=pick_dtype(args.dtype, torch.device("cpu")), adapters=path)
             save_dir = os.path.join(args.save_videos, name.replace(" ", "-").replace(",", "")) if args.save_videos else None
             if save_dir:

@@ -6,8 +6,9 @@ second stage, the same way (`load_upscaler`, then `.upscale`).
     frames = pipe("a dog surfing", frames=16)   # uint8 [B, F, H, W, 3]
 
 Sampling is DDIM (ddim.py) or DPM-Solver++ (dpm_solver.py) with classifier-free guidance: the conditional and the unconditional
-(negative prompt) predictions come from one batched UNet call. What the UNet predicts, the noise or
-v (SD 2.x 768-v, the upscaler), is the pipeline's `prediction`; checkpoint.py infers it, the user
+(negative prompt) predictions come from one batched UNet call; or, for adapters distilled into a consistency
+model (train.py --distill), the few-step consistency sampler (lcm.py), one call a step on the prompt alone. What
+the UNet predicts, the noise or v (SD 2.x 768-v, the upscaler), is the pipeline's `prediction`; checkpoint.py infers it, the user
 may override it. The starting noise is drawn on the CPU from a generator seeded with `seed` and
 then moved, so the same seed on the same device gives the same video. `invert` is DDIM inversion,
 for one-shot editing (the paper's Sec. 3.4). `animate` and `continue_video` go beyond the paper: frames
@@ -27,6 +28,7 @@ from safetensors.torch import load_file
 import clip_text
 import ddim
 import dpm_solver
+import lcm
 import unet as unet_module
 import vae as vae_module
 from adapters import SimDAConfig, adapter_state_dict
@@ -43,6 +45,7 @@ DEFAULT_SR_CHECKPOINT = os.path.join("checkpoints", "x4-upscaler-ema.safetensors
 MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 DEMO_CHECKPOINT = os.path.join(MODELS_DIR, "sd-shapes.safetensors")
 DEMO_ADAPTERS = os.path.join(MODELS_DIR, "simda-shapes.safetensors")
+DEMO_LCM_ADAPTERS = os.path.join(MODELS_DIR, "simda-shapes-lcm.safetensors")  # them distilled (train.py --distill)
 # ... and its second stage: a tiny x4 upscaler (train_image.py --upscaler), its video adapters (train.py
 # --stage sr --data shapes); sample.py --upscale falls back to them too
 DEMO_UPSCALER = os.path.join(MODELS_DIR, "sr-shapes.safetensors")
@@ -50,8 +53,10 @@ DEMO_SR_ADAPTERS = os.path.join(MODELS_DIR, "simda-sr-shapes.safetensors")
 UPSCALE = 4  # the upscaler's factor: [B, 3, F, H, W] -> [B, 3, F, 4H, 4W]
 MAX_NOISE_LEVEL = 350  # the x4 upscaler was trained with low-res noise levels 0..349 (x4-upscaling.yaml)
 # the samplers: DDIM (ddim.py; the paper's, and the one that inverts) and DPM-Solver++(2M) (dpm_solver.py),
-# which reaches DDIM's quality in fewer steps; both call the UNet once a step
-SAMPLERS = {"ddim": ddim.timesteps, "dpm++": dpm_solver.timesteps}
+# which reaches DDIM's quality in fewer steps; both call the UNet once a step (on the guided batch); and the
+# consistency sampler (lcm.py) of distilled adapters, one call a step on the prompt alone
+SAMPLERS = {"ddim": ddim.timesteps, "dpm++": dpm_solver.timesteps, "lcm": lcm.timesteps}
+LCM_STEPS = 4  # the steps of distilled adapters, for SD and the demo (docs/demo.md)
 # What the command lines' sampler and step counts default to, per model: (sampler, {sampler: steps}). For SD
 # the published practice, not measured here: DPM-Solver++(2M) at 25 steps (DDIM: 50); for SD's x4 upscaler
 # diffusers' 75 DDIM steps. For the demo's stage one, the fewest steps that matched 50 DDIM steps (docs/demo.md);
@@ -86,6 +91,7 @@ class Pipeline:
     latent_scale: float = LATENT_SCALE  # the diffusion model sees VAE latents times this
     alphas: torch.Tensor = None  # the noise schedule's alphas_cumprod; None: SD's (ddim.alphas_cumprod)
     given_frames: int = 0  # the most first frames the adapters were trained to be given (train.py --given-frames)
+    distilled: dict = None  # distilled adapters (train.py --distill): how; None: not distilled, no lcm sampling
 
     @property
     def vae_dtype(self):
@@ -143,11 +149,19 @@ class Pipeline:
         conditioning (see `guided_model`). `given`: clean latents [B, 4, k, h, w] of the first k frames, which
         stay exactly what they are (see `with_given`)."""
         check_sampling(sampler, steps, eta)
+        if sampler == "lcm" and not self.distilled:
+            raise ValueError("these adapters were not distilled (train.py --distill): sample them with ddim or dpm++, "
+                             "not lcm")
+        if sampler == "lcm" and guidance != 1:
+            raise ValueError(f"lcm samples with the guidance distilled into the adapters: one UNet call a step, "
+                             f"guidance 1, not {guidance}")
         model = self.guided_model(context, guidance, low_res, noise_level)
         model = with_progress(model if given is None else with_given(model, given),
                               Progress("sampling" if low_res is None else "upscaling", steps, enabled=progress))
         if sampler == "dpm++":
             x = dpm_solver.sample(x.float(), model, steps, prediction=self.prediction, alphas=self.alphas)
+        elif sampler == "lcm":
+            x = lcm.sample(x.float(), model, steps, generator, self.distilled["skip"], self.prediction, self.alphas)
         else:
             x = ddim.sample(x.float(), model, steps, eta=eta, generator=generator, prediction=self.prediction,
                             alphas=self.alphas)
@@ -189,9 +203,10 @@ class Pipeline:
 
     def __call__(self, prompts, frames=DEFAULT_FRAMES, height=DEFAULT_SIZE, width=DEFAULT_SIZE, steps=50, guidance=7.5,
                  negative="", eta=0.0, seed=0, latents=None, progress=True, sampler="ddim"):
-        """Sample one video per prompt -> uint8 tensor [B, F, H, W, 3] with `steps` of `sampler` ("ddim" or
-        "dpm++"). `latents`: start from these scaled latents [B, 4, F, h, w] (e.g. DDIM-inverted ones, which
-        only DDIM replays) instead of seeded noise."""
+        """Sample one video per prompt -> uint8 tensor [B, F, H, W, 3] with `steps` of `sampler` ("ddim", "dpm++", or
+        "lcm" for distilled adapters, which runs the guidance distilled into them: `guidance` is not used).
+        `latents`: start from these scaled latents [B, 4, F, h, w] (e.g. DDIM-inverted ones, which only DDIM
+        replays) instead of seeded noise."""
         if self.is_upscaler:
             raise ValueError(f"this pipeline is {self.family}: call .upscale(low_res, prompts), not the pipeline")
         prompts = as_prompts(prompts)
@@ -200,6 +215,7 @@ class Pipeline:
         shape = (len(prompts), self.vae.config.latent_channels, frames, height // factor, width // factor)
         generator = torch.Generator().manual_seed(seed)
         x = self.start_latents(shape, generator, latents, f"{len(prompts)} prompt(s), {frames} frames of {width}x{height}")
+        guidance = 1 if sampler == "lcm" else guidance  # distilled into the adapters
         context = self.guided_context(prompts, negative, guidance)
         return self.decode(self.denoise(x, context, steps, guidance, eta, generator, progress, sampler=sampler))
 
@@ -221,6 +237,7 @@ class Pipeline:
         given = given.float().to(self.device).expand(len(prompts), -1, -1, -1, -1)
         generator = torch.Generator().manual_seed(seed)
         x = torch.randn((len(prompts), given.shape[1], frames, *given.shape[3:]), generator=generator).to(self.device)
+        guidance = 1 if sampler == "lcm" else guidance  # distilled into the adapters
         context = self.guided_context(prompts, negative, guidance)
         return self.denoise(x, context, steps, guidance, eta, generator, progress, sampler=sampler, given=given)
 
@@ -371,7 +388,7 @@ def _load(path, device, dtype, adapters, simda_config, prediction, upscaler):
     if trained:
         why = f"the adapters were trained so ({os.fspath(adapters)})"
     pipe = Pipeline(*models, family.name, prediction, why, family.latent_scale, ddim.make_alphas_cumprod(*family.betas),
-                    int(meta.get("given_frames", 0)))
+                    int(meta.get("given_frames", 0)), meta.get("distilled"))
     if torch.device(device).type == "cpu" and dtype != torch.float32:
         pipe.vae.float()  # the VAE decode stays float32 on the CPU: half-type convolutions gain little there
     if adapter_weights is not None and meta.get("family", pipe.family) != pipe.family:

@@ -11,7 +11,8 @@ one-shot tuning on a single clip for video editing (the paper's Sec. 3.4).
 Each step: encode the captions with the frozen CLIP text encoder and the clips with the frozen VAE
 (a posterior sample, times the latent scale), noise the latents at random timesteps (ddim.add_noise) and
 regress what the frozen UNet predicts (ddim.target: the noise, or v for SD 2.x 768-v models; MSE);
-AdamW updates the adapters only. With `--given-frames K`, a share of the samples (`--given-probability`) keeps
+AdamW updates the adapters only (`--distill TEACHER`: distill.py's consistency distillation instead, for
+sample.py --sampler lcm). With `--given-frames K`, a share of the samples (`--given-probability`) keeps
 its first 1 to K frames clean at timestep 0 and leaves them out of the loss: the same adapters then animate
 an image and continue a clip (sample.py --image, --continue). `--stage sr` trains the second stage
 instead: SimDA's adapters on SD's frozen x4 upscaler, from pairs made of each clip (at --size) and the
@@ -40,6 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import ddim
+import distill
 import loader
 import shapes
 import simda
@@ -110,13 +112,14 @@ def build_parser():
                    help="write validation GIFs every N steps and at the end; 0: off (default: %(default)s)")
     p.add_argument("--val-prompt", action="append", default=[],
                    help="validation prompt (repeatable; default: none, no validation)")
-    p.add_argument("--val-sampler", choices=list(simda.SAMPLERS), default=simda.SD_SAMPLING[0],
-                   help="sampler of the validation samples, ddim or dpm++ (default: %(default)s)")
-    p.add_argument("--val-steps", type=int, default=25, help="steps of the validation samples (default: %(default)s)")
+    p.add_argument("--val-sampler", choices=list(simda.SAMPLERS), help="sampler of the validation samples, ddim, "
+                   f"dpm++ or lcm (default: {simda.SD_SAMPLING[0]}; with --distill lcm)")
+    p.add_argument("--val-steps", type=int, help=f"steps of the validation samples (default: 25; lcm {simda.LCM_STEPS})")
     p.add_argument("--no-latent-shift", action="store_true", help="ablation: plain per-frame self-attention")
     p.add_argument("--no-temporal-adapters", action="store_true", help="ablation: no TemporalAdapters")
     p.add_argument("--no-spatial-adapters", action="store_true", help="ablation: no SpatialAdapters")
     p.add_argument("--log-every", type=int, default=10, help="print a progress line every N steps (default: %(default)s)")
+    distill.add_flags(p)
     return p
 
 
@@ -139,6 +142,7 @@ def check_args(args):
                          "samples: drop --cache-latents and --val-prompt (sample.py --upscale-video shows the result)")
     if shapes_world and args.cache_latents:
         raise ValueError("--cache-latents needs a fixed set of videos; --data shapes makes fresh ones every step")
+    args.distill_settings = distill.check_flags(args)  # None without --distill; it settles --val-sampler/--val-steps
     for name in ("stride", "steps", "batch_size", "save_every", "log_every", "val_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -186,6 +190,7 @@ class Run:
     scaler: object
     autocast: object
     feed: loader.Feed = None  # this rank's samples of each step, read ahead
+    distiller: distill.Distiller = None  # --distill: the teacher's and the target's adapters, the loss
     log: object = None
     progress: Progress = None
     step: int = 0
@@ -214,7 +219,8 @@ def build_run(args):
     if sr:
         pipe = simda.load_upscaler(ckpt, device, torch.float32, simda_config=simda_config)
     else:
-        pipe = simda.load_pipeline(ckpt, device, torch.float32, simda_config=simda_config, prediction=args.prediction)
+        pipe = simda.load_pipeline(ckpt, device, torch.float32, adapters=args.distill, simda_config=simda_config,
+                                   prediction=args.prediction)  # --distill: the student starts as the teacher
     factor = pipe.vae.config.downsample_factor
     if sr:  # the low-res input, a quarter of the size, is halved three times in the upscaler's UNet
         check_shape(args.frames, args.height, args.width, factor * 8, f"{factor} (the upscaler's VAE) x 8 (its UNet)")
@@ -227,12 +233,14 @@ def build_run(args):
     config = dict(batch_size=args.batch_size, seed=args.seed, frames=args.frames, stride=args.stride, height=args.height,
                   width=args.width, caption_dropout=args.caption_dropout, hflip=args.hflip, lr=args.lr,
                   timestep_bias=args.timestep_bias, cache_latents=args.cache_latents, data=args.data or args.video,
-                  simda_config=dataclasses.asdict(simda_config), prediction=pipe.prediction, stage=args.stage,
-                  given_frames=args.given_frames, given_probability=args.given_probability if args.given_frames else 0)
+                  simda_config=dataclasses.asdict(pipe.unet.simda_config), prediction=pipe.prediction, stage=args.stage,
+                  given_frames=args.given_frames, given_probability=args.given_probability if args.given_frames else 0,
+                  distill=args.distill_settings and distill.metadata(args.distill_settings))
     run = Run(args, rank, world, device, ckpt, config, dataset, pipe, model, params,
               torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay),
               torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
               (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext)
+    run.distiller = args.distill_settings and distill.Distiller(pipe, args.distill_settings, run.optimizer, state)
     if state is not None:
         resume(run, state)
     cache = loader.cache_latents(pipe.vae, dataset, args.seed, rank, world, device) if args.cache_latents else None
@@ -267,10 +275,13 @@ def train_step(run):
     given = loader.draw_given(args.seed, gs, args.given_frames, args.given_probability)
     keep = loader.loss_mask(given, args.frames, run.device)  # None: no sample of this step is given frames
     with run.autocast():
-        x, t, target, context, y = loader.make_inputs(run.pipe, batch, gs, args.seed, run.device, args.timestep_bias,
-                                                      given)
-        out = run.model(x, t, context, y).float()
-        loss = F.mse_loss(out, target) if keep is None else ((out - target) ** 2 * keep).mean()
+        if run.distiller:  # --distill: distill.py's consistency loss on the same data
+            loss = run.distiller.loss(run.model, batch, gs, args.seed, run.device)
+        else:
+            x, t, target, context, y = loader.make_inputs(run.pipe, batch, gs, args.seed, run.device,
+                                                          args.timestep_bias, given)
+            out = run.model(x, t, context, y).float()
+            loss = F.mse_loss(out, target) if keep is None else ((out - target) ** 2 * keep).mean()
     value = loss.detach().clone()
     if run.world > 1:
         dist.all_reduce(value)
@@ -325,10 +336,12 @@ def save(run):
         meta.update(fps=shapes.FPS)
     if args.given_frames:  # what sample.py --image / --continue need
         meta.update(given_frames=args.given_frames, given_probability=args.given_probability)
+    if run.distiller:  # what sample.py --sampler lcm needs
+        meta.update(distilled=run.config["distill"])
     simda.save_adapters(run.pipe.unet, os.path.join(args.out, "adapters.safetensors"), **meta)
     state = dict(step=run.step, adapters={k: v.cpu() for k, v in adapter_state_dict(run.pipe.unet).items()},
                  optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict() if run.scaler else {},
-                 config=run.config)
+                 config=run.config, target=run.distiller.state_dict() if run.distiller else {})
     save_torch(state, os.path.join(args.out, "state.pt"))
 
 

@@ -60,7 +60,7 @@ def test_the_shipped_weights_stay_under_60_mb():
     shipped = glob.glob(os.path.join(simda.MODELS_DIR, "*.safetensors")) + \
         glob.glob(os.path.join(simda.MODELS_DIR, "ablation", "*.safetensors"))  # models/build*/: local rebuilds
     sizes = {path: os.path.getsize(path) for path in shipped}
-    for path in (simda.DEMO_CHECKPOINT, simda.DEMO_ADAPTERS, simda.DEMO_UPSCALER, simda.DEMO_SR_ADAPTERS):
+    for path in (simda.DEMO_CHECKPOINT, simda.DEMO_ADAPTERS, simda.DEMO_LCM_ADAPTERS, simda.DEMO_UPSCALER, simda.DEMO_SR_ADAPTERS):
         assert path in sizes
     assert sum(sizes.values()) < 60 * 10 ** 6, sizes
 
@@ -75,3 +75,20 @@ def test_sample_py_names_the_words_the_demo_world_does_not_know_and_still_sample
     assert (tmp_path / "dog.gif").exists()
     sample.main(["a red circle moving right", "--steps", "2", "--out", "red.gif"])
     assert "does not know" not in capsys.readouterr().err
+
+
+def test_the_distilled_demo_adapters_sample_in_four_lcm_steps_from_sample_py(tmp_path, monkeypatch, capsys):
+    """`sample.py PROMPT --sampler lcm --steps 4` with no weights uses models/simda-shapes-lcm.safetensors; its videos,
+    4 UNet calls each without a guidance batch, show the prompted colour, and most move the prompted way."""
+    monkeypatch.delenv("SIMDA_CKPT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    sample.main(["a red circle moving right", "--sampler", "lcm", "--steps", "4", "--out", "lcm.gif"])
+    assert "4 lcm steps, guidance 1.0" in capsys.readouterr().err
+    assert shapes.track(np.stack([np.asarray(f)[..., :3] for f in imageio.mimread("lcm.gif")]))[0][0]["colour"] == "red"
+    pipe = simda.load_pipeline(simda.DEMO_CHECKPOINT, adapters=simda.DEMO_LCM_ADAPTERS)
+    videos = pipe(PROMPTS, shapes.FRAMES, shapes.SIZE, shapes.SIZE, simda.LCM_STEPS, seed=0, progress=False,
+                  sampler="lcm").numpy()
+    summary = shapes.summarise([shapes.score(video, prompt) for video, prompt in zip(videos, PROMPTS)])
+    print("distilled, 4 lcm steps", summary)
+    assert summary["colour_correct"] >= 14 / 16 and summary["present_fraction"] >= 0.9
+    assert summary["motion_correct"] >= 12 / 16 and summary["shape_correct"] >= 10 / 16
