@@ -1,10 +1,12 @@
 """What the tests share: the project root on sys.path, weight perturbation (of whole models or of
-the adapters only), relative error, one thread for a module, a random full-size SD written as one
-single file, and the one tiny SD (models, single-file checkpoint and UNet inputs) that the tests run on."""
+the adapters only), relative error, one thread for a module, a folder for a module's big files
+(removed with the module), a random full-size SD written as one single file, and the one tiny SD
+(models, single-file checkpoint and UNet inputs) that the tests run on."""
 import copy
 import dataclasses
 import gc
 import os
+import shutil
 import sys
 
 import pytest
@@ -76,6 +78,17 @@ def check_parity(label, ours, expected, *keys, tolerance=1e-4):
         err = rel_err(ours[key], expected[key])
         print(f"\n{label} {key} rel_err {err:.1e}")
         assert err <= tolerance, f"{label} {key}: rel_err {err:.2e} > {tolerance}"
+
+
+@pytest.fixture(scope="module")
+def module_tmp_path(request, tmp_path_factory):
+    """A fresh folder for one module's big files (full-size checkpoints and references, training runs),
+    removed when the module is done, passed or failed: they are gigabytes that a rerun writes again, and
+    pytest would keep them with its last three runs' temporary folders (pytest.ini drops a passed
+    test's `tmp_path`, and a passed run's whole folder, but a failed run's stays)."""
+    path = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    yield path
+    shutil.rmtree(path)
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,10 @@ PROMPTS = ["a dog surfing", "a red circle moving right, oil painting, 4k"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(module_tmp_path):
     """Path of the three SD-1.5 models, every parameter perturbed, as one single file in the official
     layout. The state dict is not kept: alive beside the references and a pipeline, it would add 4.3 GB."""
-    return write_random_sd(str(tmp_path_factory.mktemp("sd15") / "v1-5-random.safetensors"),
+    return write_random_sd(str(module_tmp_path / "v1-5-random.safetensors"),
                            (clip_text.CLIPTextConfig(), vae_module.VAEConfig(), unet_module.UNetConfig()), first_seed=0)
 
 
@@ -77,7 +77,7 @@ def reference_outputs(text_encoder, vae, unet, inputs):
 
 
 @pytest.fixture(scope="module")
-def references(checkpoint, inputs, tmp_path_factory):
+def references(checkpoint, inputs, module_tmp_path):
     """transformers' CLIP text model and diffusers' VAE and UNet, holding the checkpoint's weights as
     those libraries' own LDM converters read them: their outputs on `inputs`, and a diffusers folder
     they are saved to. The models are freed here: alive while a pipeline loads, they would add 4.3 GB."""
@@ -87,7 +87,7 @@ def references(checkpoint, inputs, tmp_path_factory):
               diffusers_unet(ldm=sd, config=unet_module.UNetConfig()))
     del sd
     gc.collect()
-    folder = str(tmp_path_factory.mktemp("sd15") / "diffusers")
+    folder = str(module_tmp_path / "diffusers")
     save_diffusers_folder(folder, *models)
     result = dict(expected=reference_outputs(*models, inputs), folder=folder)
     del models

@@ -21,9 +21,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(module_tmp_path):
     """(the SD-1.5 single file, teacher adapters for it with every weight off zero, a folder of one captioned clip)."""
-    folder = tmp_path_factory.mktemp("sd15-distill")
+    folder = module_tmp_path
     ckpt = write_random_sd(str(folder / "v1-5-random.safetensors"),
                            (clip_text.CLIPTextConfig(), vae_module.VAEConfig(), unet_module.UNetConfig()), first_seed=0)
     pipe = simda.load_pipeline(ckpt, simda_config=SimDAConfig())
@@ -37,9 +37,9 @@ def files(tmp_path_factory):
     return ckpt, teacher, videos
 
 
-def test_two_distillation_steps_at_sd15_size_save_a_distilled_file(files, tmp_path):
+def test_two_distillation_steps_at_sd15_size_save_a_distilled_file(files, module_tmp_path):
     ckpt, teacher, videos = files
-    out = str(tmp_path / "out")
+    out = str(module_tmp_path / "out")
     train.main(["--data", videos, "--ckpt", ckpt, "--distill", teacher, "--out", out, "--steps", "2", "--frames", "2",
                 "--stride", "1", "--size", "64", "--batch-size", "1", "--caption-dropout", "0", "--precision", "float32",
                 "--gradient-checkpointing", "--lr", "1e-4"])

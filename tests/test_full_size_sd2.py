@@ -41,11 +41,11 @@ STEPS, GUIDANCE = 4, 7.5
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(module_tmp_path):
     """Path of the three SD-2.1 models, every parameter perturbed, as one single file in the official
     layout; named as Stability names its 768-v files, which is how the loader knows they predict v.
     The state dict is not kept: alive beside the references and a pipeline, it would add 5.2 GB."""
-    return write_random_sd(str(tmp_path_factory.mktemp("sd21") / "v2-1_768-random.safetensors"), CONFIGS,
+    return write_random_sd(str(module_tmp_path / "v2-1_768-random.safetensors"), CONFIGS,
                            first_seed=20)
 
 
@@ -116,7 +116,7 @@ def reference_outputs(tokenizer, text_encoder, vae, unet, inputs):
 
 
 @pytest.fixture(scope="module")
-def references(checkpoint, inputs, tmp_path_factory):
+def references(checkpoint, inputs, module_tmp_path):
     """transformers' CLIPTokenizer and CLIP text model, diffusers' VAE and UNet, holding the file's
     weights as diffusers' own single-file converters read them (the text encoder through its OpenCLIP
     converter); their outputs on `inputs`, their parameter counts, and a diffusers folder (with a
@@ -134,7 +134,7 @@ def references(checkpoint, inputs, tmp_path_factory):
         models.append(build(ldm=part, config=config))
         del part
         gc.collect()
-    folder = str(tmp_path_factory.mktemp("sd21") / "diffusers")
+    folder = str(module_tmp_path / "diffusers")
     save_diffusers_folder(folder, *models)
     expected, scheduler = reference_outputs(tokenizer, *models, inputs)
     scheduler.save_pretrained(os.path.join(folder, "scheduler"))

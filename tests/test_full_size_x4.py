@@ -81,11 +81,11 @@ LOW_SCALE_BUFFERS = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alp
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(module_tmp_path):
     """Path of the x4 upscaler's three models, every parameter perturbed, as one single file in the official
     layout with the real file's schedule buffers. The models are freed before the file is written (the
     state dict holds their tensors), and the state dict once it is: neither outlives this fixture."""
-    path = str(tmp_path_factory.mktemp("x4") / "x4-upscaler-random.safetensors")
+    path = str(module_tmp_path / "x4-upscaler-random.safetensors")
     models = []
     for i, (model_class, config) in enumerate(zip((clip_text.CLIPTextEncoder, vae_module.AutoencoderKL,
                                                    unet_module.UNet), CONFIGS)):
@@ -190,7 +190,7 @@ def reference_outputs(tokenizer, text_encoder, vae, unet, inputs):
 
 
 @pytest.fixture(scope="module")
-def references(checkpoint, inputs, tmp_path_factory):
+def references(checkpoint, inputs, module_tmp_path):
     """transformers' CLIPTokenizer and CLIP text model, diffusers' VAE and UNet, holding the file's weights
     as diffusers' own single-file converters read them (the text encoder through its OpenCLIP converter);
     their outputs on `inputs`, their parameter counts, and a diffusers folder (with the upscaler's
@@ -210,7 +210,7 @@ def references(checkpoint, inputs, tmp_path_factory):
         gc.collect()
     counts = [sum(p.numel() for p in m.parameters()) for m in models]
     expected, (scheduler, low_res_scheduler) = reference_outputs(tokenizer, *models, inputs)
-    folder = str(tmp_path_factory.mktemp("x4") / "diffusers")
+    folder = str(module_tmp_path / "diffusers")
     save_diffusers_folder(folder, *models)  # after the pipeline: the VAE's config now says scaling_factor 0.08333
     scheduler.save_pretrained(os.path.join(folder, "scheduler"))
     low_res_scheduler.save_pretrained(os.path.join(folder, "low_res_scheduler"))

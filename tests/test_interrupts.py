@@ -132,10 +132,10 @@ def interrupt_and_resume(ckpt, out):
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_checkpoint, tmp_path_factory):
+def runs(tiny_checkpoint, module_tmp_path):
     """{scenario: (output folder, [Stage of each run])}, plus "ctrl-c": (argv, [Stage, Stage]); the
     runs go side by side, one single-threaded process per core (at most 4)."""
-    root = tmp_path_factory.mktemp("interrupts")
+    root = module_tmp_path
     ckpt, base = tiny_checkpoint, str(root / "base")
 
     def scenario(name, killed):
