@@ -357,8 +357,9 @@ def build(model_class, config_of, sd, name, where, device, **options):
     model.load_state_dict(sd, strict=False, assign=True)  # strict about the SD keys (checked above)
     dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), torch.float32)
     for module in model.modules():  # what the file does not hold, the adapters, is still on the meta device
-        if any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
-            module.to_empty(device=device, recurse=False).to(dtype)
+        for key, p in module.named_parameters(recurse=False):
+            if p.is_meta:
+                module.register_parameter(key, torch.nn.Parameter(torch.empty_like(p, device=device, dtype=dtype)))
     reset_adapters(model)
     return model
 

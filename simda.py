@@ -31,7 +31,7 @@ import dpm_solver
 import lcm
 import unet as unet_module
 import vae as vae_module
-from adapters import SimDAConfig, adapter_modules, adapter_state_dict
+from adapters import SimDAConfig, adapter_state_dict, cast_adapters
 from checkpoint import CheckpointError, key_problems, load_models, save_safetensors
 from runtime import Progress
 from vae import LATENT_SCALE
@@ -391,8 +391,8 @@ def _load(path, device, dtype, adapters, simda_config, prediction, upscaler, ada
         why = f"the adapters were trained so ({os.fspath(adapters)})"
     pipe = Pipeline(*models, family.name, prediction, why, family.latent_scale, ddim.make_alphas_cumprod(*family.betas),
                     int(meta.get("given_frames", 0)), meta.get("distilled"))
-    for module in adapter_modules(pipe.unet) if adapter_dtype is not None else []:
-        module.to(adapter_dtype)  # before their weights are read in: float32 weights stay exact
+    if adapter_dtype is not None:  # before their weights are read in: float32 weights stay exact
+        cast_adapters(pipe.unet, adapter_dtype)
     if adapter_weights is not None and meta.get("family", pipe.family) != pipe.family:
         trained_on = f" ({meta['checkpoint']})" if meta.get("checkpoint") else ""
         raise CheckpointError(f"{adapters} holds adapters trained on {meta['family']}{trained_on}, "
