@@ -92,13 +92,13 @@ def random_sd(configs=None):
         yield
 
 
-def build_run(folder, frames, size, batch, precision, checkpointing):
+def build_run(folder, frames, size, batch, precision, checkpointing, device="cpu"):
     """train.build_run on the random SD (`random_sd`), shapes-world clips of frames x size x size: the run a
     user starts with these flags. The precision is CUDA's (float16 is refused on the CPU)."""
     placeholder = os.path.join(folder, "sd15-random.ckpt")  # never read: random_sd answers for it
     open(placeholder, "wb").close()
     argv = ["--data", "shapes", "--ckpt", placeholder, "--out", os.path.join(folder, "out"), "--frames", str(frames),
-            "--size", str(size), "--batch-size", str(batch), "--precision", precision, "--device", "cpu",
+            "--size", str(size), "--batch-size", str(batch), "--precision", precision, "--device", device,
             "--num-workers", "0", "--steps", "2", "--sample-every", "0"]
     args = train.build_parser().parse_args(argv + (["--gradient-checkpointing"] if checkpointing else []))
     with mock.patch.object(train, "autocast_dtype", lambda name, device: runtime.DTYPES[name]), \
@@ -198,6 +198,8 @@ def run(args):
           f"allocator caching), SD-1.5, {args.frames} frames x {args.size}x{args.size}")
     header = "".join(f"{k:>10}" for k in ("params", "grads", "AdamW", "activ.", "temp."))
     print(f"{'trainer, batch, precision, checkpointing':<44}{'peak':>8}{header}")
+    if args.old_case:
+        print(row("old bench case (UNet fp16, fp16 AdamW), 1", estimate_old_case(args.frames, args.size)), flush=True)
     whos = ["ours", "animatediff"] if not args.no_peers else ["ours"]
     for batch in (int(b) for b in args.memory_batches.split(",")):
         for precision in args.memory_dtypes.split(","):
@@ -206,5 +208,3 @@ def run(args):
                     peak = estimate(who, args.frames, args.size, batch, precision, checkpointing,
                                     TINY if args.tiny else None)
                     print(row(f"{who}, {batch}, {precision}, {'on' if checkpointing else 'off'}", peak), flush=True)
-    if args.old_case:
-        print(row("old bench case (UNet fp16, fp16 AdamW), 1", estimate_old_case(args.frames, args.size)))

@@ -9,7 +9,9 @@ the values. The cases:
   sd_forward         our SD UNet, frame by frame (no SimDA), forward
   diffusers_forward  diffusers' UNet2DConditionModel with the same weights, forward
   simda_forward      the SimDA video UNet (adapters + latent-shift attention), forward
-  simda_train        one adapter-only training step (forward + backward), gradient checkpointing on
+  simda_train        one adapter-only training step (forward + backward, AdamW) of the model train.py builds
+                     (train.build_run on a random SD-1.5: the frozen SD in --dtype, the adapters float32,
+                     autocast, float16's grad scaler), gradient checkpointing on
   simda_distill      one consistency distillation step of the adapters (train.py --distill: the teacher's
                      guided pass, the target's, the student's forward + backward; distill.py) on the same UNet
   animatediff_train  the same step for diffusers' AnimateDiff (UNetMotionModel + MotionAdapter,
@@ -22,11 +24,13 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
 import torch
 
+import bench_memory
 import distill
 import runtime
 import unet as unet_module
@@ -273,7 +277,15 @@ def run_case(case, args):
         model.train()
         context_per_frame = context.repeat_interleave(args.frames, 0)  # AnimateDiff wants [B*F, 77, D]
         loss = lambda: model(x, t, encoder_hidden_states=context_per_frame).sample.float().square().mean()  # noqa: E731
-    elif case in ("simda_train", "simda_distill"):
+    elif case == "simda_train":  # train.py's model, precision, optimizer and scaler (train.build_run)
+        with tempfile.TemporaryDirectory() as folder, bench_memory.random_sd(bench_memory.TINY if args.tiny else None):
+            run = bench_memory.build_run(folder, args.frames, args.size, b, args.dtype, True, args.device)
+        model, x = run.model, x.float()  # the latents are float32, the text the text encoder's dtype
+
+        def loss():
+            with run.autocast():
+                return model(x, t, context).float().square().mean()
+    elif case == "simda_distill":
         model = model.to(device, dtype)
         freeze_for_training(model)
         model.gradient_checkpointing = True
@@ -290,13 +302,20 @@ def run_case(case, args):
     trains = case.endswith(("train", "distill"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if trains else 0
     if trains:  # a whole training step: forward, backward, AdamW update
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        optimizer = run.optimizer if case == "simda_train" else \
+            torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        scaler = run.scaler if case == "simda_train" else None  # float16: train.py's grad scaler
         if case == "simda_distill":  # its target follows the optimizer's steps
             distiller = distill.Distiller(pipe, distill.Settings("random adapters"), optimizer)
 
         def train_step():
-            loss().backward()
-            optimizer.step()
+            if scaler:
+                scaler.scale(loss()).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss().backward()
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         step = train_step
     if case.endswith("forward"):
