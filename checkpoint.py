@@ -156,12 +156,16 @@ def is_torchscript(path):
 TEXT_ONLY_LEVELS_KEY = "disable_self_attentions"
 
 
+READ_BYTES = 256 * 2**20  # what read_tensors reads of a .safetensors file between reopening it
+
+
 def read_tensors(path, dtype_of=None, device="cpu"):
     """{key: tensor} of a .safetensors file or a (weights-only) torch pickle, read one tensor at a time, each
     cast to `dtype_of(key)` (floating-point tensors only; None: the key is skipped) and moved to `device` as it
     comes, so that no second copy of the file's tensors is ever alive: a float32 file read for a bfloat16
     model peaks at the bfloat16 tensors plus one float32 tensor. `dtype_of` None: every tensor as stored. A
-    pickle is memory-mapped (mmap=True): its tensors are read from the page cache, not copied in first."""
+    pickle is memory-mapped (mmap=True), not read into memory first: the pages its tensors were cast from are
+    the kernel's page cache, resident while mapped but reclaimable."""
     def convert(key, tensor):
         dtype = tensor.dtype if dtype_of is None else dtype_of(key)
         if dtype is None:
@@ -178,11 +182,15 @@ def read_tensors(path, dtype_of=None, device="cpu"):
                     if value is not None:
                         tensors[key] = value
         return sd
-    sd = {}
-    with safe_open(path, framework="pt") as f:
-        for key in f.keys():
-            if dtype_of is None or dtype_of(key) is not None:
-                sd[key] = convert(key, f.get_tensor(key))
+    sd, keys = {}, [key for key in safetensors_header(path)[0] if dtype_of is None or dtype_of(key) is not None]
+    while keys:  # safe_open maps the whole file, and what it read stays resident until it closes: reopen it
+        with safe_open(path, framework="pt") as f:  # every READ_BYTES, so that the file never adds a second copy
+            read = 0
+            while keys and read < READ_BYTES:
+                key = keys.pop(0)
+                tensor = f.get_tensor(key)
+                read += tensor.nbytes
+                sd[key] = convert(key, tensor)
     return sd
 
 
