@@ -41,7 +41,8 @@ def build_parser():
                      "tensors (no GPU): ours vs AnimateDiff's trainer, at --memory-batches, in --memory-dtypes, with "
                      "and without gradient checkpointing")
     p.add_argument("--memory-batches", default="1,8", help="--memory: batch sizes (default: %(default)s)")
-    p.add_argument("--memory-dtypes", default="bfloat16,float16", help="--memory: precisions (default: %(default)s)")
+    p.add_argument("--memory-dtypes", default="bfloat16", help="--memory: precisions, e.g. bfloat16,float16 (the "
+                                                                "same bytes; default: %(default)s)")
     p.add_argument("--old-case", action="store_true", help="--memory: also the old --cases simda_train (the whole "
                                                            "UNet float16, AdamW on float16 adapters)")
     p.add_argument("--frames", type=int, default=16, help="video frames (default: %(default)s)")
