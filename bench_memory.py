@@ -5,7 +5,7 @@ state, activations and temporaries. Fake tensors live on the CPU here (this torc
 is what the step's tensors take, without the CUDA kernels' workspaces (cuDNN, cuBLAS, flash attention)
 and the allocator's caching and fragmentation, so a GPU's `max_memory_reserved` is higher.
 
-    python bench.py --memory                 # ours vs AnimateDiff, 16x256x256, batch 1 and 8, bf16/fp16, +-checkpointing
+    python bench.py --memory                 # ours vs AnimateDiff, 16x256x256, batch 1 and 8, +-checkpointing
     python bench.py --memory --old-case      # also the old bench case (whole UNet float16, AdamW on fp16 adapters)
 
 Ours is built by train.py itself (`train.build_run`, loading through checkpoint.py) from a random SD-1.5 in
@@ -16,8 +16,6 @@ MotionAdapter), the motion modules trainable and the rest frozen, held as ours i
 compute dtype, the trained ones float32, autocast; AnimateDiff's own train.py keeps the frozen weights
 float32), on the same text encoder, VAE and inputs.
 """
-import contextlib
-import os
 import tempfile
 from unittest import mock
 
@@ -26,14 +24,11 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
-import checkpoint
-import clip_text
 import loader
 import runtime
-import train
 import unet as unet_module
-import vae as vae_module
 from adapters import SimDAConfig, freeze_for_training
+from bench_unet import TINY, build_run, diffusers_unet_config, random_sd
 
 GIB = 2**30
 
@@ -71,41 +66,6 @@ class Tracker(MemTracker):
         return out
 
 
-@contextlib.contextmanager
-def random_sd(configs=None):
-    """checkpoint.read_tensors hands out random tensors of an SD-1.5 single file (the official layout, each
-    in the dtype the loader asks for; fake ones under FakeTensorMode) for whatever path it is given."""
-    configs = configs or (clip_text.CLIPTextConfig(), vae_module.VAEConfig(), unet_module.UNetConfig())
-    with torch.device("meta"):
-        models = (clip_text.CLIPTextEncoder(configs[0]), vae_module.AutoencoderKL(configs[1]),
-                  unet_module.UNet(configs[2]))
-    layout = {k: (v.shape, v.dtype) for k, v in checkpoint.ldm_state_dict(*models).items()}
-
-    def read_tensors(path, dtype_of=None, device="cpu"):
-        out = {}
-        for key, (shape, dtype) in layout.items():
-            dtype = dtype if dtype_of is None else dtype_of(key)
-            if dtype is not None:
-                out[key] = torch.randn(shape, dtype=dtype, device=device) * 0.02
-        return out
-    with mock.patch.object(checkpoint, "read_tensors", read_tensors):
-        yield
-
-
-def build_run(folder, frames, size, batch, precision, checkpointing, device="cpu"):
-    """train.build_run on the random SD (`random_sd`), shapes-world clips of frames x size x size: the run a
-    user starts with these flags. The precision is CUDA's (float16 is refused on the CPU)."""
-    placeholder = os.path.join(folder, "sd15-random.ckpt")  # never read: random_sd answers for it
-    open(placeholder, "wb").close()
-    argv = ["--data", "shapes", "--ckpt", placeholder, "--out", os.path.join(folder, "out"), "--frames", str(frames),
-            "--size", str(size), "--batch-size", str(batch), "--precision", precision, "--device", device,
-            "--num-workers", "0", "--steps", "2", "--sample-every", "0"]
-    args = train.build_parser().parse_args(argv + (["--gradient-checkpointing"] if checkpointing else []))
-    with mock.patch.object(train, "autocast_dtype", lambda name, device: runtime.DTYPES[name]), \
-            contextlib.redirect_stdout(open(os.devnull, "w")):
-        return train.build_run(args)
-
-
 def step(run, model, params, optimizer, inputs):
     """train.py's step (train.train_step but the host-side loss check, which a fake tensor cannot take)
     on `model`: the inputs made by train.py's loader, the MSE, backward, clipping, AdamW."""
@@ -122,7 +82,6 @@ def animatediff(run, dtype, checkpointing):
     """(model(x, t, context, y), trainable params, AdamW): diffusers' UNetMotionModel on SD-1.5's UNet,
     AnimateDiff's MotionAdapter trainable in float32, the rest frozen in `dtype`."""
     from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
-    from bench_unet import diffusers_unet_config
     c = run.pipe.unet.config
     adapter = MotionAdapter(block_out_channels=[c.model_channels * m for m in c.channel_mult],
                             motion_layers_per_block=c.num_res_blocks, motion_norm_num_groups=32,
@@ -140,9 +99,6 @@ def animatediff(run, dtype, checkpointing):
     def forward(x, t, context, y=None):  # AnimateDiff takes the text of every frame: [B*F, 77, D]
         return model(x, t, encoder_hidden_states=context.repeat_interleave(x.shape[2], 0)).sample
     return forward, params, torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
-
-
-TINY = (clip_text.CLIPTextConfig.tiny(), vae_module.VAEConfig.tiny(), unet_module.UNetConfig.tiny())
 
 
 def with_state(optimizer, params):
