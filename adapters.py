@@ -99,11 +99,22 @@ def adapter_state_dict(unet):
     return {k: v for k, v in unet.state_dict().items() if is_adapter_key(k)}
 
 
+def adapter_modules(model):
+    return [m for m in model.modules() if isinstance(m, (SpatialAdapter, TemporalAdapter))]
+
+
+def cast_adapters(model, dtype):
+    """The adapters' parameters in `dtype`, in place (through .data: Module.to cannot swap the fake tensors of
+    bench.py --memory)."""
+    for m in adapter_modules(model):
+        for p in m.parameters():
+            p.data = p.data.to(dtype)
+
+
 def reset_adapters(model):
     """Fresh initialisation of every adapter in `model` (after a load that did not hold them)."""
-    for m in model.modules():
-        if isinstance(m, (SpatialAdapter, TemporalAdapter)):
-            m.reset_parameters()
+    for m in adapter_modules(model):
+        m.reset_parameters()
 
 
 def freeze_for_training(unet):

@@ -5,11 +5,12 @@
     python bench.py --sampling               # one video from a prompt: ours vs AnimateDiff vs SD per frame
     python bench.py --upscale                # the video upscaler: 16 frames, 256x256 -> 1024x1024
     python bench.py --data DIR --workers 2   # training input: clips/s of the data pipeline
+    python bench.py --memory                 # a training step's CUDA peak, estimated on fake tensors, vs AnimateDiff
     python bench.py --tiny --repeats 1       # a quick smoke run of the cases on the tiny config
 
 Each job lives in the module of its kind: bench_unet.py (the UNet and one training step),
 bench_pipelines.py (whole pipelines: sampling, the upscaler), bench_data.py (decoding clips for
-training). Every printout names the machine, torch and the precision; times are milliseconds, the
+training), bench_memory.py (memory estimates without a GPU). Every printout names the machine, torch and the precision; times are milliseconds, the
 median of several runs with their spread, contenders alternating in one process.
 """
 import argparse
@@ -17,6 +18,7 @@ import argparse
 import torch
 
 import bench_data
+import bench_memory
 import bench_pipelines
 import bench_unet
 
@@ -35,6 +37,14 @@ def build_parser():
                      "low-res input)")
     job.add_argument("--data", metavar="DIR", help="the training input pipeline on the clips in DIR ('generate': "
                      "WebVid-format clips made in a temporary folder) with --workers, beside a sequential decode")
+    job.add_argument("--memory", action="store_true", help="the CUDA peak of one train.py step, estimated on fake "
+                     "tensors (no GPU): ours vs AnimateDiff's trainer, at --memory-batches, in --memory-dtypes, with "
+                     "and without gradient checkpointing")
+    p.add_argument("--memory-batches", default="1,8", help="--memory: batch sizes (default: %(default)s)")
+    p.add_argument("--memory-dtypes", default="bfloat16", help="--memory: precisions, e.g. bfloat16,float16 (the "
+                                                                "same bytes; default: %(default)s)")
+    p.add_argument("--old-case", action="store_true", help="--memory: also the old --cases simda_train (the whole "
+                                                           "UNet float16, AdamW on float16 adapters)")
     p.add_argument("--frames", type=int, default=16, help="video frames (default: %(default)s)")
     p.add_argument("--size", type=int, default=256, help="video height and width in pixels (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=2, help="timed repeats after one warm-up (default: %(default)s)")
@@ -75,6 +85,8 @@ def main(argv=None):
         return bench_data.run(args)
     if args.upscale:
         return bench_pipelines.bench_upscale(args)
+    if args.memory:
+        return bench_memory.run(args)
     if args.sampling or args.forward:
         torch.set_grad_enabled(False)
         device = torch.device(args.device)

@@ -9,12 +9,15 @@ the values. The cases:
   sd_forward         our SD UNet, frame by frame (no SimDA), forward
   diffusers_forward  diffusers' UNet2DConditionModel with the same weights, forward
   simda_forward      the SimDA video UNet (adapters + latent-shift attention), forward
-  simda_train        one adapter-only training step (forward + backward), gradient checkpointing on
+  simda_train        one adapter-only training step (forward + backward, AdamW) of the model train.py builds
+                     (train.build_run on a random SD-1.5: the frozen SD in --dtype, the adapters float32,
+                     autocast, float16's grad scaler), gradient checkpointing on
   simda_distill      one consistency distillation step of the adapters (train.py --distill: the teacher's
                      guided pass, the target's, the student's forward + backward; distill.py) on the same UNet
   animatediff_train  the same step for diffusers' AnimateDiff (UNetMotionModel + MotionAdapter,
                      only the motion modules trainable), gradient checkpointing on
 """
+import contextlib
 import json
 import os
 import platform
@@ -22,14 +25,20 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
+from unittest import mock
 
 import torch
 
+import checkpoint
+import clip_text
 import distill
 import runtime
+import train
 import unet as unet_module
+import vae as vae_module
 from adapters import SimDAConfig, freeze_for_training
 from checkpoint import UNET_PREFIX
 from video import frames_to_batch
@@ -245,6 +254,44 @@ def bench_forward(args, device):
 
 # ---------------------------------------------------------------------------- cases, one child process each
 
+TINY = (clip_text.CLIPTextConfig.tiny(), vae_module.VAEConfig.tiny(), unet_module.UNetConfig.tiny())
+
+
+@contextlib.contextmanager
+def random_sd(configs=None):
+    """checkpoint.read_tensors hands out random tensors of an SD-1.5 single file (the official layout, each
+    in the dtype the loader asks for; fake ones under FakeTensorMode) for whatever path it is given."""
+    configs = configs or (clip_text.CLIPTextConfig(), vae_module.VAEConfig(), unet_module.UNetConfig())
+    with torch.device("meta"):
+        models = (clip_text.CLIPTextEncoder(configs[0]), vae_module.AutoencoderKL(configs[1]),
+                  unet_module.UNet(configs[2]))
+    layout = {k: (v.shape, v.dtype) for k, v in checkpoint.ldm_state_dict(*models).items()}
+
+    def read_tensors(path, dtype_of=None, device="cpu"):
+        out = {}
+        for key, (shape, dtype) in layout.items():
+            dtype = dtype if dtype_of is None else dtype_of(key)
+            if dtype is not None:
+                out[key] = torch.randn(shape, dtype=dtype, device=device) * 0.02
+        return out
+    with mock.patch.object(checkpoint, "read_tensors", read_tensors):
+        yield
+
+
+def build_run(folder, frames, size, batch, precision, checkpointing, device="cpu"):
+    """train.build_run on the random SD (`random_sd`), shapes-world clips of frames x size x size: the run a
+    user starts with these flags. The precision is CUDA's (float16 is refused on the CPU)."""
+    placeholder = os.path.join(folder, "sd15-random.ckpt")  # never read: random_sd answers for it
+    open(placeholder, "wb").close()
+    argv = ["--data", "shapes", "--ckpt", placeholder, "--out", os.path.join(folder, "out"), "--frames", str(frames),
+            "--size", str(size), "--batch-size", str(batch), "--precision", precision, "--device", device,
+            "--num-workers", "0", "--steps", "2", "--sample-every", "0"]
+    args = train.build_parser().parse_args(argv + (["--gradient-checkpointing"] if checkpointing else []))
+    with mock.patch.object(train, "autocast_dtype", lambda name, device: runtime.DTYPES[name]), \
+            contextlib.redirect_stdout(open(os.devnull, "w")):
+        return train.build_run(args)
+
+
 def run_case(case, args):
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     config = unet_module.UNetConfig.tiny() if args.tiny else unet_module.UNetConfig()
@@ -273,7 +320,15 @@ def run_case(case, args):
         model.train()
         context_per_frame = context.repeat_interleave(args.frames, 0)  # AnimateDiff wants [B*F, 77, D]
         loss = lambda: model(x, t, encoder_hidden_states=context_per_frame).sample.float().square().mean()  # noqa: E731
-    elif case in ("simda_train", "simda_distill"):
+    elif case == "simda_train":  # train.py's model, precision, optimizer and scaler (train.build_run)
+        with tempfile.TemporaryDirectory() as folder, random_sd(TINY if args.tiny else None):
+            run = build_run(folder, args.frames, args.size, b, args.dtype, True, args.device)
+        model, x = run.model, x.float()  # the latents are float32, the text the text encoder's dtype
+
+        def loss():
+            with run.autocast():
+                return model(x, t, context).float().square().mean()
+    elif case == "simda_distill":
         model = model.to(device, dtype)
         freeze_for_training(model)
         model.gradient_checkpointing = True
@@ -290,13 +345,20 @@ def run_case(case, args):
     trains = case.endswith(("train", "distill"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if trains else 0
     if trains:  # a whole training step: forward, backward, AdamW update
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        optimizer = run.optimizer if case == "simda_train" else \
+            torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        scaler = run.scaler if case == "simda_train" else None  # float16: train.py's grad scaler
         if case == "simda_distill":  # its target follows the optimizer's steps
             distiller = distill.Distiller(pipe, distill.Settings("random adapters"), optimizer)
 
         def train_step():
-            loss().backward()
-            optimizer.step()
+            if scaler:
+                scaler.scale(loss()).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss().backward()
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         step = train_step
     if case.endswith("forward"):

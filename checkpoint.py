@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import clip_text
 import ddim
@@ -156,10 +156,49 @@ def is_torchscript(path):
 TEXT_ONLY_LEVELS_KEY = "disable_self_attentions"
 
 
-def read_checkpoint(path):
+READ_BYTES = 256 * 2**20  # what read_tensors reads of a .safetensors file between reopening it
+
+
+def read_tensors(path, dtype_of=None, device="cpu"):
+    """{key: tensor} of a .safetensors file or a (weights-only) torch pickle, read one tensor at a time, each
+    cast to `dtype_of(key)` (floating-point tensors only; None: the key is skipped) and moved to `device` as it
+    comes, so that no second copy of the file's tensors is ever alive: a float32 file read for a bfloat16
+    model peaks at the bfloat16 tensors plus one float32 tensor. `dtype_of` None: every tensor as stored. A
+    pickle is memory-mapped (mmap=True), not read into memory first: the pages its tensors were cast from are
+    the kernel's page cache, resident while mapped but reclaimable."""
+    def convert(key, tensor):
+        dtype = tensor.dtype if dtype_of is None else dtype_of(key)
+        if dtype is None:
+            return None
+        return tensor.to(device, dtype if tensor.is_floating_point() else tensor.dtype)
+    if not path.endswith(".safetensors"):
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        inner = sd.get("state_dict") if isinstance(sd, dict) else None
+        tensors = inner if isinstance(inner, dict) else sd
+        if isinstance(tensors, dict):
+            for key in list(tensors):  # each mapped tensor replaced by its converted copy, in place
+                if isinstance(tensors[key], torch.Tensor) and isinstance(key, str):
+                    value = convert(key, tensors.pop(key))
+                    if value is not None:
+                        tensors[key] = value
+        return sd
+    sd, keys = {}, [key for key in safetensors_header(path)[0] if dtype_of is None or dtype_of(key) is not None]
+    while keys:  # safe_open maps the whole file, and what it read stays resident until it closes: reopen it
+        with safe_open(path, framework="pt") as f:  # every READ_BYTES, so that the file never adds a second copy
+            read = 0
+            while keys and read < READ_BYTES:
+                key = keys.pop(0)
+                tensor = f.get_tensor(key)
+                read += tensor.nbytes
+                sd[key] = convert(key, tensor)
+    return sd
+
+
+def read_checkpoint(path, dtype_of=None, device="cpu"):
     """(state dict, facts) of a .safetensors file or a (weights-only) torch pickle: a flat {key: tensor}
-    dict, and what the file says about itself: {"metadata": the safetensors header's metadata,
-    "global_step": the step count a .ckpt was saved at}, where present."""
+    dict (read by `read_tensors`, which casts and skips keys as `dtype_of` says), and what the file says
+    about itself: {"metadata": the safetensors header's metadata, "global_step": the step count a .ckpt was
+    saved at}, where present."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if is_torchscript(path):  # torch.load would hand it to torch.jit.load, even with weights_only
@@ -171,9 +210,7 @@ def read_checkpoint(path):
     try:
         if path.endswith(".safetensors"):
             facts["metadata"] = safetensors_header(path)[1]
-            sd = load_file(path)
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = read_tensors(path, dtype_of, device)
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable checkpoint (expected a .safetensors file or a "
                               f"torch state dict): {type(e).__name__}: {e}") from e
@@ -260,15 +297,17 @@ def folder_family(folder):
     return None  # decided by the width, once the weights are read
 
 
-def read_diffusers_folder(folder):
-    """(unet, vae, text encoder) state dicts of a diffusers folder, renamed to the LDM keys."""
+def read_diffusers_folder(folder, dtypes=None, device="cpu"):
+    """(unet, vae, text encoder) state dicts of a diffusers folder, renamed to the LDM keys; `dtypes`: the
+    dtype each part is read in ({"unet": ..., "vae": ..., "text_encoder": ...}; None: as stored)."""
     parts = {}
     for part, names in DIFFUSERS_FILES.items():
         found = [os.path.join(folder, part, n) for n in names if os.path.exists(os.path.join(folder, part, n))]
         if not found:
             raise CheckpointError(f"{folder} looks like a diffusers folder but has no {part}/ weights "
                                   f"(looked for {', '.join(names)})")
-        parts[part] = read_state_dict(found[0])
+        dtype = dtypes and dtypes[part]
+        parts[part] = read_checkpoint(found[0], dtype and (lambda key, dtype=dtype: dtype), device)[0]
     return (unet_module.from_diffusers(parts["unet"]), vae_module.from_diffusers(parts["vae"]),
             clip_text.from_diffusers(parts["text_encoder"]))
 
@@ -309,37 +348,56 @@ def choose_prediction(path, family, facts, prediction=None):
                  "predict (pass --prediction epsilon, or prediction='epsilon', for a 512-base model)")
 
 
-def build(model_class, config_of, sd, name, where, device, dtype, **options):
-    """Infer the config (`config_of(sd)`), allocate the model on `device` in `dtype` without a random
-    init, and copy the weights in, strictly for every key but the adapters'."""
+def build(model_class, config_of, sd, name, where, device, **options):
+    """Infer the config (`config_of(sd)`), build the model on the meta device (no memory, no random init)
+    and give it the tensors of `sd` themselves (assign: no copy, their dtype and device), strictly for every
+    key but the adapters', which get their fresh initialisation on `device` in the UNet's dtype."""
     try:
         config = config_of(sd)
     except (KeyError, IndexError, ValueError) as e:
         raise CheckpointError(f"{where}: cannot infer the {name} configuration from the weights "
                               f"({type(e).__name__}: {e})") from e
     with torch.device("meta"):
-        model = model_class(config, **options).to(dtype)
-    model.to_empty(device=device)
+        model = model_class(config, **options)
     expected = {k: v for k, v in model.state_dict().items() if not is_adapter_key(k)}
     if problems := key_problems(expected, sd):
         raise CheckpointError(f"{where}: {name} weights do not fit the model: " + "; ".join(problems))
-    model.load_state_dict(sd, strict=False)  # strict about the SD keys (checked above); adapters are new
+    model.load_state_dict(sd, strict=False, assign=True)  # strict about the SD keys (checked above)
+    dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), torch.float32)
+    for module in model.modules():  # what the file does not hold, the adapters, is still on the meta device
+        for key, p in module.named_parameters(recurse=False):
+            if p.is_meta:
+                module.register_parameter(key, torch.nn.Parameter(torch.empty_like(p, device=device, dtype=dtype)))
     reset_adapters(model)
     return model
 
 
-def load_models(path, device="cpu", dtype=torch.float32, simda_config=None, prediction=None, upscaler=False):
+def part_dtypes(dtype, vae_dtype):
+    """dtype_of for read_checkpoint on a single file: the UNet and the text encoder in `dtype`, the VAE in
+    `vae_dtype`, what SD files hold besides the three models (the EMA copy, the DDPM buffers) not read at
+    all, any other key as stored (for split_ldm to report)."""
+    def dtype_of(key):
+        if key.startswith(EMA_PREFIX) or key.removeprefix(LOW_SCALE_PREFIX) in DDPM_BUFFERS:
+            return None
+        return vae_dtype if key.startswith(VAE_PREFIX) else dtype
+    return dtype_of
+
+
+def load_models(path, device="cpu", dtype=torch.float32, simda_config=None, prediction=None, upscaler=False,
+                vae_dtype=torch.float32):
     """(tokenizer, text encoder, VAE, UNet, family, prediction, why) of an SD 1.x or 2.x checkpoint (or,
-    with `upscaler`, of SD's x4 upscaler): the models frozen and in eval mode, the UNet with fresh SimDA
-    adapters when `simda_config` is given; the Family; what the UNet predicts ("epsilon" or "v";
-    `prediction` when given) and why we think so."""
+    with `upscaler`, of SD's x4 upscaler): the models frozen and in eval mode, the text encoder and the UNet
+    in `dtype`, the VAE in `vae_dtype`, each tensor cast as it is read (no full copy in the file's dtype); the
+    UNet with fresh SimDA adapters when `simda_config` is given; the Family; what the UNet predicts ("epsilon"
+    or "v"; `prediction` when given) and why we think so."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     vocab_dir, facts = None, {}
     if os.path.isdir(path):
         family = folder_family(path)
-        unet_sd, vae_sd, text_sd = read_diffusers_folder(path)
+        unet_sd, vae_sd, text_sd = read_diffusers_folder(path, dict(unet=dtype, vae=vae_dtype, text_encoder=dtype),
+                                                         device)
         if family is None:
             width = text_sd.get("embeddings.token_embedding.weight", torch.zeros(0, 0)).shape[1]
             family = SD2 if width == 1024 else SD1
@@ -351,7 +409,7 @@ def load_models(path, device="cpu", dtype=torch.float32, simda_config=None, pred
     else:
         if path.endswith(".safetensors"):
             family_of(safetensors_header(path)[0], path)  # refuse other families before reading gigabytes
-        sd, facts = read_checkpoint(path)
+        sd, facts = read_checkpoint(path, part_dtypes(dtype, vae_dtype), device)
         family = family_of(sd.keys(), path)
         unet_sd, vae_sd, text_sd = split_ldm(sd, path, family)
     for name, sd in (("VAE", vae_sd), ("text encoder", text_sd)):
@@ -368,7 +426,7 @@ def load_models(path, device="cpu", dtype=torch.float32, simda_config=None, pred
     prediction, why = choose_prediction(path, family, facts, prediction)
     text_encoder = build(clip_text.CLIPTextEncoder,
                          lambda sd: clip_text.config_from_state_dict(sd, family.text_head_width, family.hidden_act),
-                         text_sd, "text encoder", path, device, dtype)
+                         text_sd, "text encoder", path, device)
     context = unet_sd.get("middle_block.1.transformer_blocks.0.attn2.to_k.weight")
     if context is not None and context.shape[1] != text_encoder.config.width:
         raise CheckpointError(f"{path}: its {family.name} text encoder is {text_encoder.config.width} wide, but the UNet "
@@ -378,8 +436,8 @@ def load_models(path, device="cpu", dtype=torch.float32, simda_config=None, pred
     unet = build(unet_module.UNet, lambda sd: unet_module.config_from_state_dict(
         sd, family.unet_heads, family.unet_head_channels, family.upcast_attention,
         [int(level) for level in stated.split(",") if level] if stated else None),
-        unet_sd, "UNet", path, device, dtype, simda_config=simda_config)
-    vae = build(vae_module.AutoencoderKL, vae_module.config_from_state_dict, vae_sd, "VAE", path, device, dtype)
+        unet_sd, "UNet", path, device, simda_config=simda_config)
+    vae = build(vae_module.AutoencoderKL, vae_module.config_from_state_dict, vae_sd, "VAE", path, device)
     models = [m.eval().requires_grad_(False) for m in (text_encoder, vae, unet)]
     return (clip_text.Tokenizer(vocab_dir, pad_id=family.pad_id), *models, family, prediction, why)
 

@@ -31,7 +31,7 @@ import dpm_solver
 import lcm
 import unet as unet_module
 import vae as vae_module
-from adapters import SimDAConfig, adapter_state_dict
+from adapters import SimDAConfig, adapter_state_dict, cast_adapters
 from checkpoint import CheckpointError, key_problems, load_models, save_safetensors
 from runtime import Progress
 from vae import LATENT_SCALE
@@ -355,42 +355,44 @@ def default_checkpoint(upscaler=False):
                           f"checkpoints/ (or set {var}, or pass {flag}, to its path).")
 
 
-def load_pipeline(path, device="cpu", dtype=torch.float32, adapters=None, simda_config=None, prediction=None):
+def load_pipeline(path, device="cpu", dtype=torch.float32, adapters=None, simda_config=None, prediction=None,
+                  adapter_dtype=None):
     """Load an SD 1.x or 2.x checkpoint (single file or diffusers folder; the family is told by the
     weights) as a Pipeline of frozen eval-mode modules. `adapters`: a SimDA adapter file, whose config
     and weights the UNet takes; or `simda_config`: fresh adapters (for training); neither: the plain
     per-frame SD UNet. `prediction`: "epsilon" or "v" overrides what the checkpoint suggests (None),
     else the adapters' metadata, which records what they were trained with; the pipeline's
-    `.prediction` and `.prediction_source` say which is used and why."""
-    return _load(path, device, dtype, adapters, simda_config, prediction, upscaler=False)
+    `.prediction` and `.prediction_source` say which is used and why. The text encoder and the UNet are
+    held in `dtype`, the adapters in `adapter_dtype` (None: `dtype`; training: float32 under autocast), the
+    VAE in float32 on every device (SD's VAE overflows to NaN in float16 at larger sizes)."""
+    return _load(path, device, dtype, adapters, simda_config, prediction, False, adapter_dtype)
 
 
-def load_upscaler(path, device="cpu", dtype=torch.float32, adapters=None, simda_config=None):
+def load_upscaler(path, device="cpu", dtype=torch.float32, adapters=None, simda_config=None, adapter_dtype=None):
     """Load SD's x4 upscaler (x4-upscaler-ema.safetensors, or the stable-diffusion-x4-upscaler diffusers
     folder) as a Pipeline whose `.upscale` runs it; with `adapters` or `simda_config` as load_pipeline's,
     the video upscaler (SimDA's adapters on the upscaler's UNet). The VAE decodes 2 frames at a time
-    (1024x1024 frames are large), in float32 when the rest runs in float16."""
-    pipe = _load(path, device, dtype, adapters, simda_config, None, upscaler=True)
+    (1024x1024 frames are large), in float32 as load_pipeline's."""
+    pipe = _load(path, device, dtype, adapters, simda_config, None, True, adapter_dtype)
     pipe.vae.chunk_size = 2
-    if dtype == torch.float16:
-        pipe.vae.float()  # its 1024x1024 decoder overflows in float16 (diffusers upcasts it too)
     return pipe
 
 
-def _load(path, device, dtype, adapters, simda_config, prediction, upscaler):
+def _load(path, device, dtype, adapters, simda_config, prediction, upscaler, adapter_dtype=None):
     adapter_weights, meta = None, {}
     if adapters is not None:
         adapter_weights, meta = read_adapters(os.fspath(adapters))
         simda_config = SimDAConfig(**meta["simda_config"])
     trained = prediction is None and meta.get("prediction") is not None
     *models, family, prediction, why = load_models(path, device, dtype, simda_config,
-                                                   meta["prediction"] if trained else prediction, upscaler)
+                                                   meta["prediction"] if trained else prediction, upscaler,
+                                                   vae_dtype=torch.float32)
     if trained:
         why = f"the adapters were trained so ({os.fspath(adapters)})"
     pipe = Pipeline(*models, family.name, prediction, why, family.latent_scale, ddim.make_alphas_cumprod(*family.betas),
                     int(meta.get("given_frames", 0)), meta.get("distilled"))
-    if torch.device(device).type == "cpu" and dtype != torch.float32:
-        pipe.vae.float()  # the VAE decode stays float32 on the CPU: half-type convolutions gain little there
+    if adapter_dtype is not None:  # before their weights are read in: float32 weights stay exact
+        cast_adapters(pipe.unet, adapter_dtype)
     if adapter_weights is not None and meta.get("family", pipe.family) != pipe.family:
         trained_on = f" ({meta['checkpoint']})" if meta.get("checkpoint") else ""
         raise CheckpointError(f"{adapters} holds adapters trained on {meta['family']}{trained_on}, "

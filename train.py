@@ -104,8 +104,8 @@ def build_parser():
                                                   "reads them (default: on a GPU its CPU cores less one, up to 16; CPU: 0)")
     p.add_argument("--device", default="auto", help="auto: CUDA, else MPS, else CPU; or a torch device (default: %(default)s)")
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="autocast dtype (weights stay float32); auto: bfloat16 on CUDA if supported, else float16 "
-                        "with a grad scaler; on the CPU bfloat16 where AMX or AVX512-BF16 runs it, else float32 (default: %(default)s)")
+                   help="the frozen SD's dtype and autocast's (adapters stay float32); auto: bfloat16 on CUDA if supported, "
+                        "else float16 with a grad scaler; on the CPU bfloat16 where AMX or AVX512-BF16 runs it, else float32 (default: %(default)s)")
     p.add_argument("--save-every", type=int, default=500,
                    help="save adapters and state every N steps, and at the end (default: %(default)s)")
     p.add_argument("--sample-every", type=int, default=500,
@@ -216,11 +216,12 @@ def build_run(args):
     torch.manual_seed(args.seed)  # the adapters' initialisation
     simda_config = simda.SimDAConfig(spatial_adapters=not args.no_spatial_adapters,
                                      temporal_adapters=not args.no_temporal_adapters, latent_shift=not args.no_latent_shift)
+    # the frozen text encoder and UNet held in the compute dtype, the adapters (and AdamW's state) float32
     if sr:
-        pipe = simda.load_upscaler(ckpt, device, torch.float32, simda_config=simda_config)
+        pipe = simda.load_upscaler(ckpt, device, dtype, simda_config=simda_config, adapter_dtype=torch.float32)
     else:
-        pipe = simda.load_pipeline(ckpt, device, torch.float32, adapters=args.distill, simda_config=simda_config,
-                                   prediction=args.prediction)  # --distill: the student starts as the teacher
+        pipe = simda.load_pipeline(ckpt, device, dtype, adapters=args.distill, simda_config=simda_config,
+                                   prediction=args.prediction, adapter_dtype=torch.float32)  # --distill: the teacher
     factor = pipe.vae.config.downsample_factor
     if sr:  # the low-res input, a quarter of the size, is halved three times in the upscaler's UNet
         check_shape(args.frames, args.height, args.width, factor * 8, f"{factor} (the upscaler's VAE) x 8 (its UNet)")

@@ -183,10 +183,11 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    def __init__(self, cfg: VAEConfig, chunk_size: int = 8):
+    def __init__(self, cfg: VAEConfig, chunk_size: int = 2):
         super().__init__()
         self.config = cfg
-        self.chunk_size = chunk_size  # frames per encoder/decoder pass
+        # frames per encoder/decoder pass: SD's decoder holds 0.27 GiB of float32 activations a 256x256 frame
+        self.chunk_size = chunk_size
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)

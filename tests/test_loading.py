@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import checkpoint
 import simda
 from checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointError, ldm_state_dict as ldm_checkpoint
 from reference import diffusers_unet, diffusers_vae, save_diffusers_folder, transformers_clip
@@ -53,6 +54,28 @@ def test_single_file_checkpoint_consumes_every_key(tmp_path, tiny_models):
         assert torch.equal(ours, expected)
     assert not any(p.requires_grad for m in (pipe.text_encoder, pipe.vae, pipe.unet) for p in m.parameters())
     assert pipe.tokenizer(["a photo of a cat"])[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_a_checkpoint_is_read_one_tensor_at_a_time_in_the_model_dtype_and_held_without_a_copy(tmp_path, tiny_models,
+                                                                                           monkeypatch):
+    """Each tensor is cast as it is read (the UNet and text encoder in bfloat16, the VAE float32, the EMA copy not
+    read), the file is reopened every READ_BYTES, and the models hold the very tensors that were read."""
+    sd = ldm_checkpoint(*tiny_models)
+    path = str(tmp_path / "tiny.safetensors")
+    save_file(real_file_extras(sd), path)
+    monkeypatch.setattr(checkpoint, "READ_BYTES", 2**14)  # dozens of reopenings of this 1 MB file
+    read, read_tensors = {}, checkpoint.read_tensors
+    monkeypatch.setattr(checkpoint, "read_tensors", lambda *args: read.update(read_tensors(*args)) or dict(read))
+    pipe = simda.load_pipeline(path, dtype=torch.bfloat16)
+    assert not any(k.startswith("model_ema.") for k in read)
+    assert {v.dtype for k, v in read.items() if k.startswith(VAE_PREFIX)} == {torch.float32}
+    assert {v.dtype for k, v in read.items() if k.startswith((UNET_PREFIX, TEXT_PREFIX)) and v.is_floating_point()} \
+        == {torch.bfloat16}
+    pointers = {v.data_ptr() for v in read.values()}
+    models = (pipe.text_encoder, pipe.vae, pipe.unet)
+    assert all(p.data_ptr() in pointers for m in models for p in m.parameters())  # no copy
+    loaded = ldm_checkpoint(*models)
+    assert all(torch.equal(loaded[k], sd[k].to(loaded[k].dtype)) for k in sd)
 
 
 @pytest.mark.parametrize("wrapped", [True, False])

@@ -1,7 +1,8 @@
 """The dtype choices: `auto` picks bfloat16 on a CPU that multiplies it in hardware (AMX or
 AVX512-BF16) and float32 on other CPUs; the pipeline then keeps the VAE in float32; bfloat16
 sampling and training stay close to float32; a sampler's integer timestep needs no host-to-device
-copy and gives the UNet exactly what a tensor timestep gives."""
+copy and gives the UNet exactly what a tensor timestep gives. Training holds the frozen SD in the compute
+dtype and the adapters (and AdamW's state) in float32; --precision float32 is bitwise the float32 build."""
 import json
 import os
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import runtime
+from adapters import SimDAConfig, adapter_state_dict, freeze_for_training, is_adapter_key
 import simda
 import train
 
@@ -67,3 +69,39 @@ def test_training_runs_under_cpu_bfloat16_autocast(tiny_checkpoint, tmp_path, ca
     assert len(loss) == 2 and np.isfinite(loss).all()
     weights, _ = simda.read_adapters(os.path.join(out, "adapters.safetensors"))
     assert all(v.dtype == torch.float32 for v in weights.values())  # autocast: the weights stay float32
+
+
+def shapes_run(ckpt, out, precision):
+    args = train.build_parser().parse_args(["--data", "shapes", "--ckpt", ckpt, "--out", str(out), "--size", "16",
+                                            "--frames", "4", "--batch-size", "2", "--lr", "1e-3", "--steps", "2",
+                                            "--precision", precision, "--device", "cpu"])
+    return train.build_run(args)
+
+
+def test_training_holds_the_frozen_sd_in_the_compute_dtype_and_the_adapters_in_float32(tiny_checkpoint, tmp_path):
+    for precision in ("bfloat16", "float32"):
+        run = shapes_run(tiny_checkpoint, tmp_path / precision, precision)
+        frozen = getattr(torch, precision)
+        for name, p in run.pipe.unet.named_parameters():
+            assert p.dtype == (torch.float32 if is_adapter_key(name) else frozen), name
+            assert p.requires_grad == is_adapter_key(name), name
+        assert {p.dtype for p in run.pipe.text_encoder.parameters()} == {frozen}
+        assert {p.dtype for p in run.pipe.vae.parameters()} == {torch.float32}
+        assert run.params and all(p.dtype == torch.float32 for p in run.params)
+        assert np.isfinite(train.train_step(run))
+        assert {s.dtype for p in run.params for s in run.optimizer.state[p].values() if s.dim()} == {torch.float32}
+        train.finish(run)
+
+
+def test_float32_training_is_bitwise_the_run_of_a_float32_build(tiny_checkpoint, tmp_path):
+    """--precision float32: the run before the frozen weights took the compute dtype, every model loaded in
+    float32 (load_pipeline's default), adapters seeded as build_run seeds them, the same steps."""
+    run, ref = (shapes_run(tiny_checkpoint, tmp_path / name, "float32") for name in ("run", "ref"))
+    torch.manual_seed(ref.args.seed)
+    ref.pipe = simda.load_pipeline(tiny_checkpoint, simda_config=SimDAConfig())
+    ref.model, ref.params = ref.pipe.unet, freeze_for_training(ref.pipe.unet)
+    ref.optimizer = torch.optim.AdamW(ref.params, lr=ref.args.lr, weight_decay=ref.args.weight_decay)
+    assert [train.train_step(run) for _ in range(2)] == [train.train_step(ref) for _ in range(2)]
+    ours, theirs = adapter_state_dict(run.pipe.unet), adapter_state_dict(ref.pipe.unet)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert any(v.abs().sum() > 0 for k, v in ours.items() if k.endswith("up.weight"))  # zero at the start: trained

@@ -106,7 +106,7 @@ def test_sdxl_file_is_refused_before_its_tensors_are_read(tmp_path, monkeypatch)
 
     def no_reading(*args, **kwargs):
         raise AssertionError("the tensors were read")
-    monkeypatch.setattr(checkpoint, "load_file", no_reading)
+    monkeypatch.setattr(checkpoint, "read_tensors", no_reading)
     monkeypatch.setattr(checkpoint.torch, "load", no_reading)
     expect_error(path, "SDXL", "not supported", "sd_xl_base_1.0.safetensors")
 
