@@ -50,20 +50,23 @@ def shift_index(frames, height, width, device):
     host-to-device copy, which on a GPU waits for every queued kernel, 32 times in an SD-1.5 forward.
     Not cached while torch.compile traces (the graph keeps it as a constant) or under a FakeTensorMode
     (memory estimates: its fake tensors must not outlive the mode)."""
-    faking = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+    # is_compiling first: dynamo cannot trace the dispatch-mode query (it would break the graph)
+    if torch.compiler.is_compiling() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE):
+        return _build_shift_index(frames, height, width, device)
     key = (frames, height, width, torch.device(device))
-    if key in _SHIFT_INDEX and not faking and not torch.compiler.is_compiling():
-        return _SHIFT_INDEX[key]
+    if key not in _SHIFT_INDEX:
+        _SHIFT_INDEX[key] = _build_shift_index(frames, height, width, device)
+    return _SHIFT_INDEX[key]
+
+
+def _build_shift_index(frames, height, width, device):
     table = torch.tensor(SHIFT_TABLE, device=device)
     rows, cols = torch.arange(height, device=device) % 4, torch.arange(width, device=device) % 4
     shift = table[rows[:, None], cols[None, :]].reshape(height * width)
     frame = torch.arange(frames, device=device)[:, None]
     source = frame - shift[None]  # [f, n]
     source = torch.where(source >= 0, source, frame)  # a frame earlier than its shift keeps its own token
-    index = source, torch.arange(height * width, device=device)[None]
-    if not faking and not torch.compiler.is_compiling():
-        _SHIFT_INDEX[key] = index
-    return index
+    return source, torch.arange(height * width, device=device)[None]
 
 
 class SpatialAdapter(nn.Module):
