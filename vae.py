@@ -222,10 +222,11 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"expected a video [B, C, F, H, W], got shape {tuple(t.shape)}")
 
 
-def sample(mean, logvar, generator=None):
+def sample(mean, logvar, generator=None, noise=None):
     """One draw from the diagonal Gaussian posterior. The noise is drawn on the CPU (from a CPU
-    `generator`) and then moved, so that a seed gives the same draw on every device."""
-    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+    `generator`) and then moved, so that a seed gives the same draw on every device; or given, `noise`."""
+    if noise is None:
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
     return mean + torch.exp(0.5 * logvar) * noise
 
 
