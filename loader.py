@@ -9,8 +9,8 @@ sample index) and the files (data.py), so a run is the same whatever N is. The v
 a worker come back with its step: the training process warns once per video and counts them. `Feed`
 also times how long the loop waited for data (the progress line's `data wait`); the summary that
 `close` returns says which --num-workers would keep the steps fed. `cache_latents` encodes one clip per video once
-(--cache-latents, written under --out: such a run reads its samples in the training process). `make_inputs` turns a step's
-samples into what the UNet sees and what it must output; with --given-frames, `draw_given` picks the
+(--cache-latents, on the disk under --out; such a run reads its samples in the training process). `make_inputs`
+turns a step's samples into what the UNet sees and what it must output; with --given-frames, `draw_given` picks the
 samples whose first frames stay clean (at t = 0: image-to-video and continuation), and `loss_mask`
 leaves those frames out of the loss.
 """
@@ -70,7 +70,8 @@ def clean_latents(pipe, batch, gs, seed, device):
     else:
         mean, logvar = (m.float() for m in pipe.vae.encode_video(pixels(batch, device)))
     # each sample's noise from its own generator, on the CPU; one copy to the device for the batch
-    noise = torch.stack([torch.randn(m.shape, generator=data.generator(seed, "posterior", g)) for m, g in zip(mean, gs)])
+    noise = torch.stack([torch.randn(m.shape, generator=data.generator(seed, "posterior", g))
+                         for m, g in zip(mean, gs)])
     return vae_module.sample(mean, logvar, noise=to_device(noise, device)) * pipe.latent_scale, context
 
 
@@ -244,11 +245,12 @@ class Feed:
 
 
 @torch.no_grad()
-def cache_latents(vae, dataset, seed, rank, world, device, folder):
+def cache_latents(vae, dataset, seed, rank, world, device, out):
     """train.py --cache-latents: the (mean, logvar) of one clip per video, encoded once by the frozen VAE, as a
-    LatentCache. Each rank encodes its share and writes each video's to `folder` (under --out) as it goes; the
+    LatentCache. Each rank encodes its share and writes each video's to `out`/latent-cache as it goes; the
     ranks then swap only which videos they cached, and every rank reads any video's moments from the disk when
     a step takes it: no process holds the whole cache (about 50 GB at 100k videos of 16x256x256)."""
+    folder = os.path.join(out, "latent-cache")
     os.makedirs(folder, exist_ok=True)
     cached = []
     for idx in range(rank, len(dataset), world):

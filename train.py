@@ -99,8 +99,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and of every noise draw (default: %(default)s)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet blocks in backward: less memory, slower")
     p.add_argument("--cache-latents", action="store_true",
-                   help="encode every video once up front (one fixed clip per video) instead of at every step; the "
-                        "latents go to --out/latent-cache, each rank writing its share")
+                   help="encode every video once up front (one fixed clip per video, to --out/latent-cache) instead of at every step")
     p.add_argument("--num-workers", type=int, help="processes reading clips ahead of the loop, per process; 0: the loop "
                                                   "reads them (default: on a GPU its CPU cores less one, up to 16; CPU: 0)")
     p.add_argument("--device", default="auto", help="auto: CUDA, else MPS, else CPU; or a torch device (default: %(default)s)")
@@ -247,8 +246,8 @@ def build_run(args):
     if state is not None:
         resume(run, state)
     run.first = run.step
-    cache = loader.cache_latents(pipe.vae, dataset, args.seed, rank, world, device,
-                                 os.path.join(args.out, "latent-cache")) if args.cache_latents else None
+    cache = loader.cache_latents(pipe.vae, dataset, args.seed, rank, world, device, args.out) \
+        if args.cache_latents else None
     run.feed = loader.Feed(dataset, args.batch_size, rank, world, run.step, args.steps, args.num_workers, device, cache)
     if rank == 0:
         open_output(run, dtype)
@@ -315,10 +314,9 @@ def after_step(run, loss):
     sample = args.val_prompt and args.sample_every > 0 and (step % args.sample_every == 0 or step == args.steps)
     save_now = step % args.save_every == 0 or step == args.steps
     show = step % args.log_every == 0 or step in (run.first + 1, args.steps)
-    if show or sample or save_now:
-        last = report_losses(run)
-        if run.rank == 0 and show:
-            run.progress.show(step, f"loss {last:.4f}  {run.feed.note()}")
+    last = report_losses(run) if show or sample or save_now else None
+    if run.rank == 0 and show:
+        run.progress.show(step, f"loss {last:.4f}  {run.feed.note()}")
     # validation first: a kill inside it leaves a step that the resumed run redoes, GIFs included
     if sample:
         validate(run)
@@ -329,19 +327,17 @@ def after_step(run, loss):
 
 
 def report_losses(run):
-    """Read the pending losses back (every rank); stop at the first that is not finite, whose step's update has
-    not been saved (every save reports first); rank 0 logs the finite ones. Returns the last loss."""
-    steps, losses, times = zip(*run.pending)
-    run.pending = []
-    for step, value, elapsed in zip(steps, torch.stack(losses).tolist(), times):
+    """Read the pending losses back (every rank: one wait for the GPU) and log them (rank 0); stop at the first that
+    is not finite, whose update no save has kept (every save reports first). Returns the last loss."""
+    pending, run.pending = run.pending, []
+    for (step, _, elapsed), value in zip(pending, torch.stack([loss for _, loss, _ in pending]).tolist()):
         if not math.isfinite(value):
             saved = f"the last good checkpoint is {os.path.join(run.args.out, 'adapters.safetensors')} at step " \
                     f"{run.saved}" if run.saved else "nothing saved yet"
             raise FloatingPointError(f"the loss is {value} at step {step}: stopping; {saved}")
         if run.rank == 0:
             run.log.write(json.dumps({"step": step, "loss": value, "lr": run.args.lr, "time": elapsed}) + "\n")
-    if run.rank == 0:
-        run.log.flush()
+            run.log.flush()
     return value
 
 

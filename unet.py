@@ -16,8 +16,9 @@ own names beside the SD ones: `attn_adapter` and `ffn_adapter` in every Transfor
 SD 2.x changes three things (LDM's v2 configs): heads of 64 channels instead of 8 heads per level,
 Linear `proj_in`/`proj_out` instead of 1x1 convolutions (`use_linear_in_transformer`), and a
 1024-wide text context; Stability's code also computes attention in float32 under fp16/bf16
-(`upcast_attention`, which our fused attention needs no code for: see Attention). The head count is not in any weight's shape: `config_from_state_dict` takes
-it from the caller (checkpoint.py states each family's rule) and checks that the widths divide.
+(`upcast_attention`, which our fused attention needs no code for: see Attention). The head count is
+not in any weight's shape: `config_from_state_dict` takes it from the caller (checkpoint.py states
+each family's rule) and checks that the widths divide.
 SD's x4 upscaler adds LDM's `num_classes` (its noise level, embedded and added to the time
 embedding: `label_emb`, the forward's `y`) and `disable_self_attentions` (levels whose attn1 attends
 to the text too; latent-shift attention only replaces real self-attention).

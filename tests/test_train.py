@@ -147,6 +147,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ckpt, videos, tmp_pat
         assert [json.loads(line)["step"] for line in f] == [1, 2]  # step 3's line never written
 
 
+def test_two_torchrun_processes_share_cached_latents_through_the_disk(ckpt, videos, tmp_path):
+    """--cache-latents under torchrun: each rank writes its share under --out/latent-cache and reads the other's
+    from there (nothing gathered over the network), and the run computes what one process computes."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    args = ["--data", videos, "--ckpt", ckpt, "--steps", 2, "--cache-latents", *COMMON]
+    run(*args, "--out", one)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             os.path.join("tests", "ddp_launcher.py"), str(tmp_path / "ranks"), "--out", two,
+                             *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(os.listdir(os.path.join(two, "latent-cache"))) == ["0.safetensors", "1.safetensors", "2.safetensors"]
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+
+
 def test_two_torchrun_processes_equal_one_process(straight, ckpt, videos, tmp_path):
     out, ranks = str(tmp_path / "out"), str(tmp_path / "ranks")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
