@@ -35,15 +35,38 @@ def latent_shift(tokens, frames, height, width):
     """Patch-level temporal shift of the tokens [(b f), h*w, c] (row-major positions): every token
     is replaced by the same position's token SHIFT_TABLE[i % 4][j % 4] frames earlier."""
     bf, n, c = tokens.shape
-    table = torch.tensor(SHIFT_TABLE, device=tokens.device)
-    rows, cols = torch.arange(height, device=tokens.device) % 4, torch.arange(width, device=tokens.device) % 4
-    shift = table[rows[:, None], cols[None, :]].reshape(n)
-    frame = torch.arange(frames, device=tokens.device)[:, None]
-    source = frame - shift[None]  # [f, n]: the frame each token is read from
-    source = torch.where(source >= 0, source, frame)
+    source, positions = shift_index(frames, height, width, tokens.device)
     # (b f) n c -> b f n c
     tokens = tokens.reshape(bf // frames, frames, n, c)
-    return tokens[:, source, torch.arange(n, device=tokens.device)[None]].reshape(bf, n, c)
+    return tokens[:, source, positions].reshape(bf, n, c)
+
+
+_SHIFT_INDEX = {}  # (frames, height, width, device) -> shift_index's tensors
+
+
+def shift_index(frames, height, width, device):
+    """(source [f, h*w]: the frame each token is read from, positions [1, h*w]), latent_shift's gather
+    index. Built from the Python table once per shape and device, then cached: building it is a
+    host-to-device copy, which on a GPU waits for every queued kernel, 32 times in an SD-1.5 forward.
+    Not cached while torch.compile traces (the graph keeps it as a constant) or under a FakeTensorMode
+    (memory estimates: its fake tensors must not outlive the mode)."""
+    # is_compiling first: dynamo cannot trace the dispatch-mode query (it would break the graph)
+    if torch.compiler.is_compiling() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE):
+        return _build_shift_index(frames, height, width, device)
+    key = (frames, height, width, torch.device(device))
+    if key not in _SHIFT_INDEX:
+        _SHIFT_INDEX[key] = _build_shift_index(frames, height, width, device)
+    return _SHIFT_INDEX[key]
+
+
+def _build_shift_index(frames, height, width, device):
+    table = torch.tensor(SHIFT_TABLE, device=device)
+    rows, cols = torch.arange(height, device=device) % 4, torch.arange(width, device=device) % 4
+    shift = table[rows[:, None], cols[None, :]].reshape(height * width)
+    frame = torch.arange(frames, device=device)[:, None]
+    source = frame - shift[None]  # [f, n]
+    source = torch.where(source >= 0, source, frame)  # a frame earlier than its shift keeps its own token
+    return source, torch.arange(height * width, device=device)[None]
 
 
 class SpatialAdapter(nn.Module):

@@ -212,15 +212,16 @@ class Clips:
 
     def sample(self, g, cache=None):
         path, start = self.clips[g]
-        return data.read_clip(path, self.args.frames, self.args.stride, self.args.size, self.args.size, start=start), ""
+        return data.read_clip(path, self.args.frames, self.args.stride, self.args.size, self.args.size, start=start,
+                              levels=True), ""  # uint8 levels, as training's workers hand them over
 
 
 def read_ahead(clips, args, workers):
-    """Timer of loader.Feed reading every clip with `workers` workers."""
+    """Timer of loader.Feed reading every clip with `workers` workers, and the loop making it floats (loader.pixels)."""
     with Timer() as timer:
         feed = loader.Feed(Clips(clips, args), 1, 0, 1, 0, len(clips), workers, torch.device("cpu"))
         for _ in clips:
-            feed.next()
+            loader.pixels(feed.next()[1], torch.device("cpu"))
         feed.close()  # the workers end: their CPU time is counted
     return timer
 

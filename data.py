@@ -40,19 +40,32 @@ def generator(*parts):
     return torch.Generator().manual_seed(sample_seed(*parts))
 
 
-def read_clip(path, frames, stride, height, width, start=None, flip=False, rng=None):
+def read_clip(path, frames, stride, height, width, start=None, flip=False, rng=None, levels=False):
     """`frames` frames of the video at `path`, `stride` frames apart, as a float tensor
-    [frames, 3, height, width] in [-1, 1]. start=None: a random start from `rng` (a random.Random),
-    or 0 without one; a video shorter than its estimated length falls back to its last frames."""
+    [frames, 3, height, width] in [-1, 1] (`levels`: uint8 levels, see resize_crop). start=None: a random
+    start from `rng` (a random.Random), or 0 without one; a video shorter than its estimated length falls
+    back to its last frames."""
     picked = read_frames(path, frames, stride, start, rng)
-    return resize_crop(torch.from_numpy(picked).permute(0, 3, 1, 2), height, width, flip)
+    return resize_crop(torch.from_numpy(picked).permute(0, 3, 1, 2), height, width, flip, levels)
 
 
-def resize_crop(x, height, width, flip=False):
+def to_unit(clips):
+    """Training's clips on the device: uint8 levels (the workers' `levels`) -> float in [-1, 1]; float clips are
+    in [-1, 1] already and pass unchanged."""
+    return clips if clips.is_floating_point() else levels_to_unit(clips)
+
+
+def levels_to_unit(x):
+    """Levels 0..255 (any dtype) -> float in [-1, 1]."""
+    return x.float().div(127.5).sub_(1).clamp_(-1, 1)  # (x / 127.5 - 1).clamp(-1, 1), in place
+
+
+def resize_crop(x, height, width, flip=False, levels=False):
     """[F, 3, h, w] levels 0..255 -> [F, 3, height, width] in [-1, 1]: resize so that the frame covers
     height x width (bilinear, antialiased), then center-crop. uint8 frames are resized as uint8 (rounded
     to levels): for frames laid out channels last, as decoded, that is torch's fast path, ten times
-    the float one."""
+    the float one. `levels`: keep them levels (uint8 for uint8 frames: what training's workers hand over,
+    a quarter of float32's bytes; `to_unit` on the device makes them the float clip)."""
     h, w = x.shape[-2:]
     scale = max(height / h, width / w)
     size = (max(height, round(h * scale)), max(width, round(w * scale)))
@@ -62,7 +75,9 @@ def resize_crop(x, height, width, flip=False):
     x = x[:, :, top:top + height, left:left + width]
     if flip:
         x = x.flip(-1)
-    return x.float().div(127.5).sub_(1).clamp_(-1, 1)  # (x / 127.5 - 1).clamp(-1, 1), in place
+    if levels:  # contiguous: a view would carry the uncropped frames through a worker's shared memory
+        return x.contiguous()
+    return levels_to_unit(x)
 
 
 def warn(message):
@@ -196,14 +211,14 @@ class Dataset:
         flip = self.flip and rng.random() < 0.5
         try:
             return read_clip(path, self.frames, self.stride, self.height, self.width,
-                             start=None if self.random_start else 0, flip=flip, rng=rng)
+                             start=None if self.random_start else 0, flip=flip, rng=rng, levels=True)
         except VideoError as e:
             self.failed(idx, str(e), e.permanent)
             return None
 
     def sample(self, g, cache=None):
-        """(clip, caption) of global sample g; with `cache` ({idx: value} of the usable videos), the
-        cached value in place of the clip."""
+        """(clip: uint8 levels [F, 3, H, W], caption) of global sample g; with `cache` ({idx: value} of the
+        usable videos), the cached value in place of the clip."""
         epoch, position = divmod(g, len(self.items))
         order = self.order(epoch)
         for k in range(len(order)):
@@ -242,7 +257,7 @@ class ShapesDataset:
 
     def sample(self, g, cache=None):
         video, text = shapes.sample(g, self.seed, self.frames, self.size, self.render)
-        clip = resize_crop(torch.from_numpy(video).permute(0, 3, 1, 2).float(), self.render, self.render)
+        clip = resize_crop(torch.from_numpy(video).permute(0, 3, 1, 2), self.render, self.render, levels=True)
         drop = random.Random(sample_seed(self.seed, "caption", g)).random() < self.caption_dropout
         return clip, "" if drop else text
 

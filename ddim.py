@@ -17,6 +17,8 @@ Every function works on any latent shape: images [B, 4, h, w] or videos [B, 4, F
 """
 import torch
 
+from runtime import to_device
+
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 0.00085, 0.012
 
@@ -105,9 +107,11 @@ def draw_timestep(gen, bias=0.0):
 
 
 def _alphas(t, like, alphas=None):
-    """alphas at the timesteps t [B], shaped [B, 1, 1, ...] to broadcast against `like`."""
-    a = (alphas_cumprod if alphas is None else alphas).to(device=like.device, dtype=like.dtype)[t.to(like.device)]
-    return a.reshape(-1, *([1] * (like.dim() - 1)))
+    """alphas at the timesteps t [B], shaped [B, 1, 1, ...] to broadcast against `like`. Timesteps drawn on the
+    host (training's, LCM's) are looked up there: B values reach the device, without waiting for it."""
+    table = alphas_cumprod if alphas is None else alphas
+    a = to_device(table[t], like.device) if t.device.type == "cpu" else table.to(t.device)[t]
+    return a.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def add_noise(x0, noise, t, alphas=None):
@@ -140,7 +144,7 @@ def sample(x_T, model_fn, num_inference_steps, eta=0.0, generator=None, predicti
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         noise = None
         if eta > 0:
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)  # a CPU generator
+            noise = to_device(torch.randn(x.shape, generator=generator, dtype=x.dtype), x.device)  # a CPU generator
         x = step(x, model_fn(x, t), t, t_prev, eta=eta, noise=noise, prediction=prediction, alphas=alphas)
     return x
 

@@ -21,6 +21,7 @@ any latent shape: images [B, 4, h, w] or videos [B, 4, F, h, w].
 import torch
 
 import ddim
+from runtime import to_device
 
 SIGMA_DATA = 0.5  # s above: the data's standard deviation assumed by the boundary conditions
 TIMESTEP_SCALING = 10.0  # LCM's: the boundary conditions see 10 t, so that they reach f = x0 from t = 19 on
@@ -78,5 +79,5 @@ def sample(x_T, model_fn, num_inference_steps, generator=None, skip=SKIP, predic
         x0 = consistency(x, model_fn(x, t), t, prediction, alphas)
         if i + 1 == len(ts):
             return x0
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)  # a CPU generator
+        noise = to_device(torch.randn(x.shape, generator=generator, dtype=x.dtype), x.device)  # a CPU generator
         x = ddim.add_noise(x0, noise, torch.full((x.shape[0],), ts[i + 1], dtype=torch.long), alphas)

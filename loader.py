@@ -9,8 +9,8 @@ sample index) and the files (data.py), so a run is the same whatever N is. The v
 a worker come back with its step: the training process warns once per video and counts them. `Feed`
 also times how long the loop waited for data (the progress line's `data wait`); the summary that
 `close` returns says which --num-workers would keep the steps fed. `cache_latents` encodes one clip per video once
-(--cache-latents; such a run reads its samples in the training process). `make_inputs` turns a step's
-samples into what the UNet sees and what it must output; with --given-frames, `draw_given` picks the
+(--cache-latents, on the disk under --out; such a run reads its samples in the training process). `make_inputs`
+turns a step's samples into what the UNet sees and what it must output; with --given-frames, `draw_given` picks the
 samples whose first frames stay clean (at t = 0: image-to-video and continuation), and `loss_mask`
 leaves those frames out of the loss.
 """
@@ -21,11 +21,14 @@ import random
 import time
 
 import torch
+from safetensors.torch import load_file
 
 import data
 import ddim
 import simda
 import vae as vae_module
+from checkpoint import save_safetensors
+from runtime import to_device
 from video import resample, stack_clips
 
 
@@ -63,12 +66,19 @@ def clean_latents(pipe, batch, gs, seed, device):
     clips, captions = zip(*batch)
     context = pipe.text_context(list(captions))
     if isinstance(clips[0], tuple):  # cached posterior moments, each [4, F, h, w]
-        mean, logvar = (torch.stack(m).to(device) for m in zip(*clips))
+        mean, logvar = (to_device(torch.stack(m), device) for m in zip(*clips))
     else:
-        mean, logvar = (m.float() for m in pipe.vae.encode_video(stack_clips(clips).to(device)))
-    latents = torch.stack([vae_module.sample(m, lv, data.generator(seed, "posterior", g))
-                           for m, lv, g in zip(mean, logvar, gs)]) * pipe.latent_scale
-    return latents, context
+        mean, logvar = (m.float() for m in pipe.vae.encode_video(pixels(batch, device)))
+    # each sample's noise from its own generator, on the CPU; one copy to the device for the batch
+    noise = torch.stack([torch.randn(m.shape, generator=data.generator(seed, "posterior", g))
+                         for m, g in zip(mean, gs)])
+    return vae_module.sample(mean, logvar, noise=to_device(noise, device)) * pipe.latent_scale, context
+
+
+def pixels(batch, device):
+    """The clips of [(clip, caption)] as one batch [B, 3, F, H, W] in [-1, 1] on `device`: uint8 levels cross to it
+    (a quarter of float32's bytes) and become floats there."""
+    return data.to_unit(to_device(stack_clips([clip for clip, _ in batch]), device))
 
 
 @torch.no_grad()
@@ -80,8 +90,9 @@ def make_inputs(pipe, batch, gs, seed, device, timestep_bias=0.0, given=None):
     of a sample are its clean latents at timestep 0, and the timesteps are then per frame [B, F]."""
     latents, context = clean_latents(pipe, batch, gs, seed, device)
     gens = [data.generator(seed, "noise", g) for g in gs]
-    t = torch.cat([ddim.draw_timestep(gen, timestep_bias) for gen in gens]).to(device)
-    noise = torch.stack([torch.randn(latents.shape[1:], generator=gen) for gen in gens]).to(device)
+    # drawn on the CPU (t stays there for the schedule's lookups) and sent without waiting for the GPU (to_device)
+    t = torch.cat([ddim.draw_timestep(gen, timestep_bias) for gen in gens])
+    noise = to_device(torch.stack([torch.randn(latents.shape[1:], generator=gen) for gen in gens]), device)
     x, levels = ddim.add_noise(latents, noise, t, pipe.alphas), None
     target = ddim.target(latents, noise, t, pipe.prediction, pipe.alphas)
     if given is not None and any(given):
@@ -90,12 +101,13 @@ def make_inputs(pipe, batch, gs, seed, device, timestep_bias=0.0, given=None):
             x[i, :, :count], t[i, :count] = latents[i, :, :count], 0
     if pipe.is_upscaler:
         # x4-upscaling.yaml's training: the low-res image at a noise level drawn uniformly from 0..349
-        low_res = resample(stack_clips([clip for clip, _ in batch]).to(device), 1 / simda.UPSCALE)
+        low_res = resample(pixels(batch, device), 1 / simda.UPSCALE)
         gens = [data.generator(seed, "low-res", g) for g in gs]
-        levels = torch.cat([torch.randint(0, simda.MAX_NOISE_LEVEL, (1,), generator=gen) for gen in gens]).to(device)
-        low_noise = torch.stack([torch.randn(low_res.shape[1:], generator=gen) for gen in gens]).to(device)
+        levels = torch.cat([torch.randint(0, simda.MAX_NOISE_LEVEL, (1,), generator=gen) for gen in gens])
+        low_noise = to_device(torch.stack([torch.randn(low_res.shape[1:], generator=gen) for gen in gens]), device)
         x = torch.cat([x, ddim.add_noise(low_res, low_noise, levels, pipe.alphas)], dim=1)
-    return x, t, target, context, levels
+        levels = to_device(levels, device)
+    return x, to_device(t, device), target, context, levels
 
 
 def make_dataset(args, rank):
@@ -166,7 +178,7 @@ class Feed:
         self.start, self.waited, self.read, self.steps = time.perf_counter(), 0.0, 0.0, 0
 
     def next(self):
-        """(gs, [(clip, caption)]) of the next step, the clips on the run's device."""
+        """(gs, [(clip, caption)]) of the next step, the clips (uint8 levels: `pixels`) on the run's device."""
         start = time.perf_counter()
         item = next(self.items)
         if self.steps:  # the first step waits whatever the workers: from then on, the loop should not
@@ -178,7 +190,7 @@ class Feed:
             self.dataset.failed(idx, reason, permanent)
         if item["error"]:
             raise ValueError(item["error"])
-        batch = [(clip.to(self.device, non_blocking=True) if torch.is_tensor(clip) else clip, caption)
+        batch = [(to_device(clip, self.device) if torch.is_tensor(clip) else clip, caption)
                  for clip, caption in item["batch"]]
         return item["gs"], batch
 
@@ -233,21 +245,48 @@ class Feed:
 
 
 @torch.no_grad()
-def cache_latents(vae, dataset, seed, rank, world, device):
-    """train.py --cache-latents: {video index: (mean, logvar)} of one clip per video, encoded once by
-    the frozen VAE; each rank encodes its share, then all swap."""
-    cache = {}
+def cache_latents(vae, dataset, seed, rank, world, device, out):
+    """train.py --cache-latents: the (mean, logvar) of one clip per video, encoded once by the frozen VAE, as a
+    LatentCache. Each rank encodes its share and writes each video's to `out`/latent-cache as it goes; the
+    ranks then swap only which videos they cached, and every rank reads any video's moments from the disk when
+    a step takes it: no process holds the whole cache (about 50 GB at 100k videos of 16x256x256)."""
+    folder = os.path.join(out, "latent-cache")
+    os.makedirs(folder, exist_ok=True)
+    cached = []
     for idx in range(rank, len(dataset), world):
         clip = dataset.read(idx, random.Random(data.sample_seed(seed, "cache", idx))) \
             if idx not in dataset.unusable else None
         if clip is not None:
-            cache[idx] = tuple(m[0].float().cpu() for m in vae.encode_video(stack_clips([clip]).to(device)))
+            mean, logvar = vae.encode_video(pixels([(clip, "")], device))
+            save_safetensors({"mean": mean[0].float(), "logvar": logvar[0].float()}, LatentCache.path(folder, idx))
+            cached.append(idx)
     if world > 1:
         parts = [None] * world
-        torch.distributed.all_gather_object(parts, (cache, dataset.bad))
-        for part, bad in parts:
-            cache.update(part)
+        torch.distributed.all_gather_object(parts, (cached, dataset.bad))  # video indices: small
+        cached = [idx for part, _ in parts for idx in part]
+        for _, bad in parts:
             dataset.bad |= bad
-    if not cache:
+    if not cached:
         raise ValueError(f"none of the {len(dataset)} videos could be encoded (see the warnings above)")
-    return cache
+    return LatentCache(folder, cached)
+
+
+class LatentCache:
+    """{video index: (mean, logvar)} read from cache_latents' files on demand (each [4, F, h, w], float32)."""
+
+    def __init__(self, folder, indices):
+        self.folder, self.indices = folder, set(indices)
+
+    @staticmethod
+    def path(folder, idx):
+        return os.path.join(folder, f"{idx}.safetensors")
+
+    def __contains__(self, idx):
+        return idx in self.indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, idx):
+        moments = load_file(self.path(self.folder, idx))
+        return moments["mean"], moments["logvar"]

@@ -132,6 +132,8 @@ class Pipeline:
         def model(x, t):
             x_in = x if low_res is None else torch.cat([x, low_res], dim=1)
             x_in = torch.cat([x_in, x_in]) if guided else x_in
+            if not torch.is_tensor(t):  # a tensor, filled on the device: torch.compile would take an int for a constant
+                t = torch.full((x_in.shape[0],), t, dtype=torch.long, device=x_in.device)  # and recompile every step
             y = None if noise_level is None else torch.cat([noise_level, noise_level]) if guided else noise_level
             out = self.unet(x_in.to(self.dtype), t, context, y).float()
             if not guided:

@@ -99,7 +99,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and of every noise draw (default: %(default)s)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet blocks in backward: less memory, slower")
     p.add_argument("--cache-latents", action="store_true",
-                   help="encode every video once up front (one fixed clip per video) instead of at every step")
+                   help="encode every video once up front (one fixed clip per video, to --out/latent-cache) instead of at every step")
     p.add_argument("--num-workers", type=int, help="processes reading clips ahead of the loop, per process; 0: the loop "
                                                   "reads them (default: on a GPU its CPU cores less one, up to 16; CPU: 0)")
     p.add_argument("--device", default="auto", help="auto: CUDA, else MPS, else CPU; or a torch device (default: %(default)s)")
@@ -195,6 +195,8 @@ class Run:
     progress: Progress = None
     step: int = 0
     saved: int = 0
+    first: int = 0  # the step this process started from (a resumed run's saved step)
+    pending: list = dataclasses.field(default_factory=list)  # (step, loss on the device, seconds) not yet reported
 
 
 def build_run(args):
@@ -244,7 +246,9 @@ def build_run(args):
     run.distiller = args.distill_settings and distill.Distiller(pipe, args.distill_settings, run.optimizer, state)
     if state is not None:
         resume(run, state)
-    cache = loader.cache_latents(pipe.vae, dataset, args.seed, rank, world, device) if args.cache_latents else None
+    run.first = run.step
+    cache = loader.cache_latents(pipe.vae, dataset, args.seed, rank, world, device, args.out) \
+        if args.cache_latents else None
     run.feed = loader.Feed(dataset, args.batch_size, rank, world, run.step, args.steps, args.num_workers, device, cache)
     if rank == 0:
         open_output(run, dtype)
@@ -270,7 +274,8 @@ def open_output(run, dtype):
 
 
 def train_step(run):
-    """One optimizer step on this rank's share of the global batch; returns the loss, averaged over the ranks."""
+    """One optimizer step on this rank's share of the global batch; returns the loss, averaged over the ranks, as a
+    0-d tensor on the device: reading it here (.item()) would make the host wait for the GPU at every step."""
     args = run.args
     gs, batch = run.feed.next()  # this rank's samples of the step
     given = loader.draw_given(args.seed, gs, args.given_frames, args.given_probability)
@@ -283,15 +288,10 @@ def train_step(run):
                                                           args.timestep_bias, given)
             out = run.model(x, t, context, y).float()
             loss = F.mse_loss(out, target) if keep is None else ((out - target) ** 2 * keep).mean()
-    value = loss.detach().clone()
+    value = loss.detach().clone()  # stays on the device: after_step reads it back only when it reports
     if run.world > 1:
         dist.all_reduce(value)
         value /= run.world
-    value = value.item()
-    if not math.isfinite(value):
-        saved = f"the last good checkpoint is {os.path.join(args.out, 'adapters.safetensors')} at step {run.saved}" \
-            if run.saved else "nothing saved yet"
-        raise FloatingPointError(f"the loss is {value} at step {run.step + 1}: stopping; {saved}")
     run.optimizer.zero_grad(set_to_none=True)
     (run.scaler.scale(loss) if run.scaler else loss).backward()
     if run.scaler:
@@ -308,20 +308,38 @@ def train_step(run):
 
 
 def after_step(run, loss):
-    """Log the step, print progress, save and validate when due."""
+    """Log the step, print progress, save and validate when due. The losses wait on the device and are read back
+    (one wait for the GPU) when a progress line is due, before a validation or a save, and at the end."""
     args, step = run.args, run.step
-    if run.rank == 0:
-        run.log.write(json.dumps({"step": step, "loss": loss, "lr": args.lr, "time": round(run.progress.elapsed(), 3)}) + "\n")
-        run.log.flush()
-        if step % args.log_every == 0 or step in (run.progress.first + 1, args.steps):
-            run.progress.show(step, f"loss {loss:.4f}  {run.feed.note()}")
+    run.pending.append((step, loss, round(run.progress.elapsed(), 3) if run.progress else 0))
+    sample = args.val_prompt and args.sample_every > 0 and (step % args.sample_every == 0 or step == args.steps)
+    save_now = step % args.save_every == 0 or step == args.steps
+    show = step % args.log_every == 0 or step in (run.first + 1, args.steps)
+    last = report_losses(run) if show or sample or save_now else None
+    if run.rank == 0 and show:
+        run.progress.show(step, f"loss {last:.4f}  {run.feed.note()}")
     # validation first: a kill inside it leaves a step that the resumed run redoes, GIFs included
-    if args.val_prompt and args.sample_every > 0 and (step % args.sample_every == 0 or step == args.steps):
+    if sample:
         validate(run)
-    if step % args.save_every == 0 or step == args.steps:
+    if save_now:
         if run.rank == 0:
             save(run)
         run.saved = step
+
+
+def report_losses(run):
+    """Read the pending losses back (every rank: one wait for the GPU) and log them (rank 0); stop at the first that
+    is not finite, whose update no save has kept (every save reports first). Returns the last loss."""
+    pending, run.pending = run.pending, []
+    for (step, _, elapsed), value in zip(pending, torch.stack([loss for _, loss, _ in pending]).tolist()):
+        if not math.isfinite(value):
+            saved = f"the last good checkpoint is {os.path.join(run.args.out, 'adapters.safetensors')} at step " \
+                    f"{run.saved}" if run.saved else "nothing saved yet"
+            raise FloatingPointError(f"the loss is {value} at step {step}: stopping; {saved}")
+        if run.rank == 0:
+            run.log.write(json.dumps({"step": step, "loss": value, "lr": run.args.lr, "time": elapsed}) + "\n")
+            run.log.flush()
+    return value
 
 
 def save(run):

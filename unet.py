@@ -16,8 +16,9 @@ own names beside the SD ones: `attn_adapter` and `ffn_adapter` in every Transfor
 SD 2.x changes three things (LDM's v2 configs): heads of 64 channels instead of 8 heads per level,
 Linear `proj_in`/`proj_out` instead of 1x1 convolutions (`use_linear_in_transformer`), and a
 1024-wide text context; Stability's code also computes attention in float32 under fp16/bf16
-(`upcast_attention`). The head count is not in any weight's shape: `config_from_state_dict` takes
-it from the caller (checkpoint.py states each family's rule) and checks that the widths divide.
+(`upcast_attention`, which our fused attention needs no code for: see Attention). The head count is
+not in any weight's shape: `config_from_state_dict` takes it from the caller (checkpoint.py states
+each family's rule) and checks that the widths divide.
 SD's x4 upscaler adds LDM's `num_classes` (its noise level, embedded and added to the time
 embedding: `label_emb`, the forward's `y`) and `disable_self_attentions` (levels whose attn1 attends
 to the text too; latent-shift attention only replaces real self-attention).
@@ -46,7 +47,7 @@ class UNetConfig:
     num_heads: int = 8  # SD 1.x: 8 heads at every level; the head width grows with the channels
     num_head_channels: int = -1  # SD 2.x: heads of 64 channels (num_heads is then unused); -1: off
     use_linear_in_transformer: bool = False  # SD 2.x: Linear proj_in/proj_out, not 1x1 convolutions
-    upcast_attention: bool = False  # attention in float32 when the model runs in fp16/bf16 (SD 2.x)
+    upcast_attention: bool = False  # the family's (SD 2.x): attention in float32 under fp16/bf16; see Attention
     context_dim: int = 768
     num_classes: int = 0  # > 0: a class label embedding added to the time embedding (x4 upscaler: noise levels)
     disable_self_attentions: tuple = ()  # levels whose attn1 attends to the text instead (x4 upscaler: 1, 2)
@@ -123,11 +124,18 @@ class Upsample(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention of the tokens x over the tokens of `context` (x itself when None)."""
+    """Multi-head attention of the tokens x over the tokens of `context` (x itself when None).
 
-    def __init__(self, dim, heads, context_dim=None, upcast=False):
+    Always SDPA in the dtype it is given (the weights' when sampling, autocast's when training: one behaviour),
+    on q/k/v whose last dimension is contiguous, so that a fused kernel runs (flash or memory-efficient on CUDA,
+    the flash kernel on the CPU). SD 2.x's `upcast_attention` needs nothing more: Stability's code computes the
+    q.k scores and the softmax in float32 (autocast off) and multiplies by v in the low precision, so that the
+    scores cannot overflow float16; the fused kernels accumulate the scores and the softmax in float32 already,
+    and diffusers' SDPA processor ignores the flag for that reason (only its classic processor upcasts q and k)."""
+
+    def __init__(self, dim, heads, context_dim=None):
         super().__init__()
-        self.heads, self.upcast = heads, upcast
+        self.heads = heads
         context_dim = context_dim or dim
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim, dim, bias=False)
@@ -143,10 +151,7 @@ class Attention(nn.Module):
         b, n, d = q.shape
         # b n (heads d) -> b heads n d
         q, k, v = (z.reshape(b, -1, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -178,13 +183,13 @@ class TransformerBlock(nn.Module):
     """Self-attention, cross-attention to the text, feed-forward; each pre-LayerNorm and residual.
     With SimDA: latent-shift self-attention, an adapter on its output and one beside the feed-forward."""
 
-    def __init__(self, dim, heads, context_dim, simda_config=None, upcast=False, disable_self_attn=False):
+    def __init__(self, dim, heads, context_dim, simda_config=None, disable_self_attn=False):
         super().__init__()
         # LDM's disable_self_attn (the x4 upscaler's upper levels): attn1 is a second cross-attention
         self.disable_self_attn = disable_self_attn
-        self.attn1 = Attention(dim, heads, context_dim if disable_self_attn else None, upcast=upcast)
+        self.attn1 = Attention(dim, heads, context_dim if disable_self_attn else None)
         self.ff = FeedForward(dim)
-        self.attn2 = Attention(dim, heads, context_dim, upcast=upcast)
+        self.attn2 = Attention(dim, heads, context_dim)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
@@ -208,8 +213,7 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    def __init__(self, channels, heads, context_dim, simda_config=None, linear=False, upcast=False,
-                 disable_self_attn=False):
+    def __init__(self, channels, heads, context_dim, simda_config=None, linear=False, disable_self_attn=False):
         super().__init__()
         if simda_config and simda_config.temporal_adapters:
             self.temporal_adapter = TemporalAdapter(channels, simda_config.temporal_ratio)
@@ -220,7 +224,7 @@ class SpatialTransformer(nn.Module):
         # layers after: the same map, stored in different shapes.
         self.linear = linear
         self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim, simda_config, upcast,
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim, simda_config,
                                                                   disable_self_attn)])
         self.proj_out = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
 
@@ -285,7 +289,7 @@ class UNet(nn.Module):
 
         def transformer(ch, level=None):
             return SpatialTransformer(ch, c.heads(ch), c.context_dim, simda_config, c.use_linear_in_transformer,
-                                      c.upcast_attention, level in c.disable_self_attentions)
+                                      level in c.disable_self_attentions)
 
         # time_embed: [0] linear [1] SiLU [2] linear
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))

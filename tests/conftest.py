@@ -1,7 +1,9 @@
 """What the tests share: the project root on sys.path, weight perturbation (of whole models or of
 the adapters only), relative error, one thread for a module, a folder for a module's big files
-(removed with the module), a random full-size SD written as one single file, and the one tiny SD
-(models, single-file checkpoint and UNet inputs) that the tests run on."""
+(removed with the module), a random full-size SD written as one single file, the one tiny SD
+(models, single-file checkpoint and UNet inputs) that the tests run on, and a log of the aten ops a
+call dispatches (`op_log`)."""
+import collections
 import copy
 import dataclasses
 import gc
@@ -12,6 +14,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the suite compares float32 results on every machine: `auto` stays float32 even on a bfloat16 CPU
@@ -64,6 +67,23 @@ def write_random_sd(path, configs, first_seed):
     del models
     gc.collect()
     return path
+
+
+class op_log(TorchDispatchMode):
+    """`with op_log() as ops:` counts every aten op dispatched inside, by name (`ops["aten.bmm.default"]`).
+    What the GPU path cares about, seen on the CPU: `aten.lift_fresh` is a tensor made from Python data (a
+    host-to-device copy on CUDA), `aten._local_scalar_dense` a read back to the host (`.item()`: a sync);
+    `aten._scaled_dot_product_flash_attention_for_cpu` is SDPA's fused CPU kernel, while `aten._safe_softmax`
+    and `aten.bmm` are its math fallback, which holds the whole score matrix."""
+
+    def __enter__(self):
+        self.counts = collections.Counter()
+        super().__enter__()
+        return self.counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func)] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:

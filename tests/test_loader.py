@@ -4,6 +4,7 @@ their own samples; the videos skipped in workers are warned once and counted in 
 process; a dataset with nothing left to read is one clear error; the time spent waiting for data,
 and the hint of which --num-workers would keep up."""
 import os
+import random
 import time
 
 import pytest
@@ -74,6 +75,23 @@ def test_zero_one_and_two_workers_feed_bitwise_the_same_steps(source, videos, sh
     assert_same_steps(runs[2], runs[0])
     clips = [clip for _, batch in runs[0] for clip, _ in batch]
     assert len({c.sum().item() for c in clips}) > 3 and {""} < {cap for _, b in runs[0] for _, cap in b}
+
+
+def test_workers_hand_over_uint8_levels_which_become_the_float_clips_on_the_device(videos):
+    """A quarter of float32's bytes through the workers' shared memory; `pixels` makes them exactly the float
+    clip in [-1, 1] that data.read_clip reads."""
+    good = [item for item in data.find_videos(videos) if "corrupt" not in item[0] and "short" not in item[0]]
+    ds = data.Dataset(good, frames=3, stride=2, height=16, width=16, seed=4, flip=True)
+    (gs, batch), = feed_all(ds, 1, steps=1)[0]
+    assert all(clip.dtype == torch.uint8 and clip.shape == (3, 3, 16, 16) for clip, _ in batch)
+    clips = loader.pixels(batch, CPU)
+    assert clips.dtype == torch.float32 and clips.shape == (3, 3, 3, 16, 16)
+    for i, g in enumerate(gs):
+        idx = ds.order(0)[g]  # every video is good: the sample's own pick
+        rng = random.Random(data.sample_seed(ds.seed, g, idx))
+        flip = rng.random() < 0.5
+        expected = data.read_clip(ds.items[idx][0], 3, 2, 16, 16, flip=flip, rng=rng)
+        assert expected.dtype == torch.float32 and clips[i].transpose(0, 1).equal(expected)
 
 
 def test_a_resumed_run_and_a_second_rank_get_their_own_samples(videos):

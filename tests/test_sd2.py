@@ -23,7 +23,7 @@ import clip_text
 import simda
 import unet as unet_module
 from checkpoint import OPEN_CLIP_PREFIX, SD2, TEXT_PREFIX, ldm_state_dict, save_safetensors
-from conftest import rel_err, unet_inputs
+from conftest import op_log, rel_err, unet_inputs
 from reference import diffusers_unet, diffusers_vae, save_diffusers_folder, sd_ddim_scheduler, transformers_clip
 from video import batch_to_frames, frames_to_batch
 
@@ -184,14 +184,13 @@ def test_sd2_unet_matches_diffusers(tiny_sd2_models, references, h, w):
     assert err <= TOL
 
 
-@torch.no_grad()
-def test_sd2_upcast_attention_runs_the_softmax_in_float32(tiny_sd2_models, monkeypatch):
-    """In bfloat16 the upcast UNet runs every attention in float32 and the plain one in bfloat16. (The
-    output's distance to float32 is no robust witness on this CPU: its bf16 attention kernel
-    accumulates in float32 anyway, so upcasting moves the error by noise, measured 1.4e-2 either way.)"""
-    model = copy.deepcopy(tiny_sd2_models[2]).to(torch.bfloat16)
+def test_sd2_attention_is_one_fused_kernel_in_training_and_sampling(tiny_sd2_models, monkeypatch):
+    """Upcast attention (SD 2.x, the x4 upscaler) computes the same way when sampling (bfloat16 weights) and
+    training (float32 weights under bfloat16 autocast): SDPA on bfloat16 q/k/v, whose fused kernel accumulates
+    in float32 (unet.Attention says why that is SD 2.x's upcast), never the float32 math path."""
+    model = copy.deepcopy(tiny_sd2_models[2])
     modules = attention_modules(model)
-    assert modules and all(m.upcast for m in modules)
+    assert modules and model.config.upcast_attention
     seen = []
     sdpa = F.scaled_dot_product_attention
 
@@ -201,17 +200,16 @@ def test_sd2_upcast_attention_runs_the_softmax_in_float32(tiny_sd2_models, monke
 
     monkeypatch.setattr(unet_module.F, "scaled_dot_product_attention", recording)
     x, t, ctx = unet_inputs(model.config, b=1, frames=1, h=8, w=8)
-    out = model(x.bfloat16(), t[:1], ctx.bfloat16())
-    assert out.dtype == torch.bfloat16
-    assert seen == [(torch.float32,) * 3] * len(modules)  # one call per Attention module, all float32
+    with torch.autocast("cpu", dtype=torch.bfloat16), op_log() as training:
+        model(x, t[:1], ctx).float().mean().backward()
+    assert seen == [(torch.bfloat16,) * 3] * len(modules)  # one call per Attention module
     seen.clear()
-    for m in modules:
-        m.upcast = False
-    assert model(x.bfloat16(), t[:1], ctx.bfloat16()).dtype == torch.bfloat16
+    with torch.no_grad(), op_log() as sampling:
+        assert model.to(torch.bfloat16)(x.bfloat16(), t[:1], ctx.bfloat16()).dtype == torch.bfloat16
     assert seen == [(torch.bfloat16,) * 3] * len(modules)
-    seen.clear()
-    tiny_sd2_models[2](x, t[:1], ctx)  # float32: nothing to upcast
-    assert seen == [(torch.float32,) * 3] * len(modules)
+    for ops in (training, sampling):
+        assert ops["aten._scaled_dot_product_flash_attention_for_cpu.default"] == len(modules)
+        assert not ops["aten._safe_softmax.default"] and not ops["aten.bmm.default"]
 
 
 # ---------------------------------------------------------------------------- 4. the tolerance catches bugs
@@ -276,7 +274,7 @@ def test_sd2_single_file_round_trips_through_a_diffusers_folder(tmp_path, tiny_s
     assert folder_pipe.tokenizer.vocab_file == str(diffusers_folder / "tokenizer" / "vocab.json")
     assert folder_pipe.text_encoder.config == tiny_sd2_models[0].config
     assert folder_pipe.unet.config == tiny_sd2_models[2].config
-    assert all(m.upcast for m in attention_modules(folder_pipe.unet))
+    assert folder_pipe.unet.config.upcast_attention
 
     # our converter writes the folder's models as one SD 2.x single file
     sd = ldm_state_dict(folder_pipe.text_encoder, folder_pipe.vae, folder_pipe.unet)

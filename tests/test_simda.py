@@ -14,7 +14,7 @@ import adapters
 import simda
 import unet as U
 from checkpoint import CheckpointError
-from conftest import perturb_, rel_err, unet_inputs
+from conftest import op_log, perturb_, rel_err, unet_inputs
 
 ADAPTERS = (adapters.SpatialAdapter, adapters.TemporalAdapter)
 
@@ -335,6 +335,22 @@ def test_sd_weights_load_into_a_simda_pipeline_with_adapters_at_init(checkpoint)
     x, t, ctx = unet_inputs(sd.config, w=12, frames=1)
     with torch.no_grad():
         assert rel_err(pipe.unet(x, t, ctx), sd(x, t, ctx)) <= 1e-5
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
+def test_the_sampling_loop_hands_the_unet_tensor_timesteps_and_copies_nothing_from_the_host(checkpoint, sampler,
+                                                                                             monkeypatch):
+    """The timestep reaches the UNet as a tensor (torch.compile takes a Python int for a constant: every step
+    compiled the whole UNet again), and the loop makes no tensor from Python data and reads nothing back."""
+    pipe = simda.load_pipeline(checkpoint[0], simda_config=adapters.SimDAConfig())
+    seen, forward = [], pipe.unet.forward
+    monkeypatch.setattr(pipe.unet, "forward", lambda x, t, *args: seen.append(t) or forward(x, t, *args))
+    context, x = pipe.guided_context(["a cat"], "", 7.5), torch.randn(1, 4, 3, 8, 8)
+    pipe.denoise(x, context, 2, progress=False, sampler=sampler)  # builds latent shift's index for these shapes
+    with op_log() as ops:
+        pipe.denoise(x, context, 3, progress=False, sampler=sampler)
+    assert len(seen) == 5 and all(torch.is_tensor(t) and t.dtype == torch.long and t.shape == (2,) for t in seen)
+    assert not ops["aten.lift_fresh.default"] and not ops["aten._local_scalar_dense.default"], ops
 
 
 def save_other(tmp_path, name, unet_config, config):

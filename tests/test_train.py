@@ -126,7 +126,10 @@ def test_one_shot_tuning_on_one_clip_with_cached_latents(ckpt, videos, tmp_path,
     assert "0 of 1 videos skipped" in capsys.readouterr().out
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ckpt, videos, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("log_every", [1, 10])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ckpt, videos, tmp_path, monkeypatch, capsys, log_every):
+    """Every step's loss checked (--log-every 1), or read back from the device only at the reports (10): either
+    way the run stops at the step whose loss is NaN before any save after it."""
     mse, calls = torch.nn.functional.mse_loss, []
 
     def nan_at_third_step(*args, **kwargs):
@@ -134,11 +137,28 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ckpt, videos, tmp_pat
         return mse(*args, **kwargs) * (float("nan") if len(calls) == 3 else 1.0)
     monkeypatch.setattr(train.F, "mse_loss", nan_at_third_step)
     with pytest.raises(SystemExit) as e:
-        run("--data", videos, "--ckpt", ckpt, "--out", tmp_path, "--steps", 5, "--save-every", 2, *COMMON)
+        run("--data", videos, "--ckpt", ckpt, "--out", tmp_path, "--steps", 5, "--save-every", 2, *COMMON,
+            "--log-every", log_every)
     assert e.value.code == 1
     assert "the loss is nan at step 3: stopping; the last good checkpoint is" in capsys.readouterr().err
     assert simda.read_adapters(str(tmp_path / "adapters.safetensors"))[1]["step"] == 2
     assert torch.load(tmp_path / "state.pt", weights_only=True)["step"] == 2
+    with open(tmp_path / "log.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]  # step 3's line never written
+
+
+def test_two_torchrun_processes_share_cached_latents_through_the_disk(ckpt, videos, tmp_path):
+    """--cache-latents under torchrun: each rank writes its share under --out/latent-cache and reads the other's
+    from there (nothing gathered over the network), and the run computes what one process computes."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    args = ["--data", videos, "--ckpt", ckpt, "--steps", 2, "--cache-latents", *COMMON]
+    run(*args, "--out", one)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             os.path.join("tests", "ddp_launcher.py"), str(tmp_path / "ranks"), "--out", two,
+                             *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(os.listdir(os.path.join(two, "latent-cache"))) == ["0.safetensors", "1.safetensors", "2.safetensors"]
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
 
 
 def test_two_torchrun_processes_equal_one_process(straight, ckpt, videos, tmp_path):

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import unet as U
-from conftest import rel_err, unet_inputs as inputs
+from adapters import SimDAConfig
+from conftest import op_log, rel_err, unet_inputs as inputs
 from reference import diffusers_unet
 
 
@@ -73,3 +74,20 @@ def test_unet_rejects_image_shaped_input(tiny_unet):
     x, t, ctx = inputs(ours.config)
     with pytest.raises(ValueError, match=r"\[B, C, F, h, w\]"):
         ours(x[:, :, 0], t, ctx)
+
+
+@torch.no_grad()
+def test_unet_forward_copies_nothing_from_the_host_and_fuses_every_attention(tiny_unet):
+    """A SimDA forward after the first at a shape: no tensor made from Python data (aten.lift_fresh, a
+    host-to-device copy that waits for the GPU: latent shift's index is cached), no read back to the host,
+    and every attention (self with latent shift, cross) on SDPA's fused kernel, never its math fallback."""
+    model = U.UNet(tiny_unet.config, SimDAConfig()).eval()
+    x, t, ctx = inputs(model.config)
+    model(x, 999, ctx)  # builds latent shift's index for these shapes
+    for step in (999, t):  # a sampler's int, a training batch's tensor
+        with op_log() as ops:
+            model(x, step, ctx)
+        assert not ops["aten.lift_fresh.default"] and not ops["aten._local_scalar_dense.default"], ops
+        attentions = sum(isinstance(m, U.Attention) for m in model.modules())
+        assert ops["aten._scaled_dot_product_flash_attention_for_cpu.default"] == attentions
+        assert not ops["aten._safe_softmax.default"] and not ops["aten.bmm.default"]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import perturb_, rel_err
+from conftest import op_log, perturb_, rel_err
 from reference import diffusers_vae
 from vae import AutoencoderKL, VAEConfig, config_from_state_dict, from_diffusers, sample
 
@@ -113,17 +113,15 @@ def test_video_encode_and_decode_are_the_image_ones_frame_by_frame():
         ours.encode_video(video[:, :, 0])
 
 
-def test_attention_in_query_blocks_equals_one_call():
-    """The VAE's middle attention runs its queries in blocks (memory at the upscaler's 256x256 latents);
-    each query still attends to every key, so the result is the one-call result."""
-    from vae import AttnBlock
-    from conftest import perturb_, rel_err
-    torch.manual_seed(0)
-    block = perturb_(AttnBlock(64)).eval()
-    x = torch.randn(2, 64, 12, 10)
-    with torch.no_grad():
-        whole = block(x)
-        block.query_block = 7  # 120 positions: 17 blocks, the last one short
-        blocked = block(x)
-    assert rel_err(blocked, whole) <= 1e-6
-    assert rel_err(whole, x) > 1e-2  # the attention does something
+FUSED = "aten._scaled_dot_product_flash_attention_for_cpu.default"
+MATH = ("aten._safe_softmax.default", "aten.bmm.default")  # SDPA's math fallback: the whole score matrix
+
+
+@torch.no_grad()
+def test_vae_attention_runs_the_fused_kernel():
+    """The middle attention of the encoder and of the decoder (one head as wide as the channels) hands SDPA
+    contiguous q/k/v: the fused kernel, never the math fallback that holds [h*w, h*w] scores."""
+    ours, _ = tiny_pair()
+    with op_log() as ops:
+        ours.decode(ours.encode(torch.rand(1, 3, 16, 24) * 2 - 1)[0])
+    assert ops[FUSED] == 2 and not any(ops[op] for op in MATH), ops
