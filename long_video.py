@@ -18,9 +18,12 @@ the prompt of its segment; the UNet takes one text context per frame ([B, F, 77,
 runs frame by frame), optionally interpolated across `blend` frames at each boundary.
 """
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
+
+from video import DEFAULT_FRAMES
 
 METHODS = ("windows", "continue")
 WEIGHTINGS = ("pyramid", "flat")
@@ -178,29 +181,29 @@ def decode_chunks(pipe, latents, chunk=None):
 
 @torch.no_grad()
 def sample(pipe, schedules, frames, height, width, long=None, steps=50, guidance=7.5, negative="", seed=0,
-           sampler="ddim", blend=0, progress=True):
+           sampler="ddim", blend=0, progress=True, eta=0.0, latents=None):
     """B videos (one per schedule [(frame, prompt)], one seed) of `frames` frames -> uint8 [B, frames, H, W, 3].
     `long`: windows or continuation past `long.window` frames; None: one pass over all frames (what
-    Pipeline.__call__ does, with a per-frame context)."""
+    Pipeline.__call__ does, with a per-frame context). `latents`: start from these (e.g. inverted) instead of noise."""
     factor = pipe.vae.config.downsample_factor
     shape = (len(schedules), pipe.vae.config.latent_channels, frames, height // factor, width // factor)
     generator = torch.Generator().manual_seed(seed)
-    x = pipe.start_latents(shape, generator)
+    x = pipe.start_latents(shape, generator, latents, f"{len(schedules)} video(s), {frames} frames of {width}x{height}")
     guidance = 1 if sampler == "lcm" else guidance  # distilled into the adapters
     context = travel_context(pipe, schedules, frames, negative, guidance, blend)
     if long is None or frames <= long.window:
-        latents = pipe.denoise(x, context, steps, guidance, 0.0, generator, progress, sampler=sampler)
+        latents = pipe.denoise(x, context, steps, guidance, eta, generator, progress, sampler=sampler)
     elif long.method == "continue":
-        latents = continue_windows(pipe, x, context, long, steps, guidance, generator, progress, sampler)
+        latents = continue_windows(pipe, x, context, long, steps, guidance, eta, generator, progress, sampler)
     else:
         if long.freenoise:
             x = freenoise(x.cpu(), long.window, long.overlap, generator).to(x.device)
-        latents = pipe.denoise(x, context, steps, guidance, 0.0, generator, progress, sampler=sampler,
+        latents = pipe.denoise(x, context, steps, guidance, eta, generator, progress, sampler=sampler,
                                unet=lambda *a: run_windows(pipe.unet, long, *a))
     return decode_chunks(pipe, latents)
 
 
-def continue_windows(pipe, x, context, long, steps, guidance, generator, progress, sampler):
+def continue_windows(pipe, x, context, long, steps, guidance, eta, generator, progress, sampler):
     """Continuation: the first window sampled from its noise, each next one after the last `long.given` frames
     of the one before (clean latents, Pipeline.denoise's `given`), its new frames from their own noise."""
     if not 0 < long.given < long.window:
@@ -211,7 +214,66 @@ def continue_windows(pipe, x, context, long, steps, guidance, generator, progres
         s = 0 if latents is None else latents.shape[2] - long.given
         cut = slice(s, min(s + long.window, frames))
         given = None if latents is None else latents[:, :, s:]
-        out = pipe.denoise(x[:, :, cut], context[:, cut], steps, guidance, 0.0, generator, progress, sampler=sampler,
+        out = pipe.denoise(x[:, :, cut], context[:, cut], steps, guidance, eta, generator, progress, sampler=sampler,
                            given=given)
         latents = out if latents is None else torch.cat([latents, out[:, :, long.given:]], dim=2)
     return latents
+
+
+# ---------------------------------------------------------------------------- sample.py's flags
+
+def add_flags(p):
+    g = p.add_argument_group("long videos and prompt travel (long_video.py)")
+    g.add_argument("--travel", metavar="SPEC", help="prompts along the video, instead of the prompt(s): \"0: PROMPT; 8: "
+                   "PROMPT; ...\", each from its frame on")
+    g.add_argument("--travel-file", metavar="FILE", help="the --travel schedule from a file of 'FRAME: PROMPT' lines")
+    g.add_argument("--travel-blend", type=int, default=0, metavar="N", help="interpolate the text embeddings across N "
+                   "frames at each --travel boundary (default: 0, a cut)")
+    g.add_argument("--window", type=int, help="past this many frames, sample in temporal windows (default: the frames "
+                   f"the adapters were trained on, else {DEFAULT_FRAMES})")
+    g.add_argument("--overlap", type=int, help="frames two neighbouring windows share (default: half the window)")
+    g.add_argument("--long-method", choices=METHODS, default="windows", help="windows: overlapping windows blended at "
+                   "every step; continue: each window after the last given frames of the one before (adapters trained "
+                   "with given frames) (default: %(default)s)")
+    g.add_argument("--freenoise", action="store_true", help="windows: start from FreeNoise's shuffled repeats of the "
+                   "first window's noise")
+
+
+def plan(args, meta, frames, adapters):
+    """(Long or None, the travel schedule or None) of a sample.py run: windows (or continuation) where a
+    text-to-video run with adapters has more frames than the window."""
+    travel = args.travel is not None or args.travel_file is not None
+    if travel and (args.prompt or args.prompts):
+        raise ValueError("--travel gives the prompts: drop the prompt(s) given beside it")
+    others = [f for f, v in (("--edit", args.edit), ("--inverted", args.inverted), ("--image", args.image),
+                             ("--continue", args.continue_clip), ("--upscale-video", args.upscale_video)) if v]
+    if travel and others:
+        raise ValueError(f"--travel samples a video from text: it does not go with {others[0]}")
+    if args.travel_blend < 0:
+        raise ValueError(f"--travel-blend must be 0 (a cut) or more frames, got {args.travel_blend}")
+    schedule = None
+    if travel:
+        schedule = parse_travel(args.travel, frames) if args.travel is not None else read_travel(args.travel_file, frames)
+    window = args.window or int(meta.get("frames", DEFAULT_FRAMES))
+    overlap = window // 2 if args.overlap is None else args.overlap
+    if window < 1 or not 0 <= overlap < window:
+        raise ValueError(f"--window must be at least 1 and --overlap in 0..{window - 1}, got {window} and {overlap}")
+    long = Long(window, overlap, args.long_method, freenoise=args.freenoise, given=int(meta.get("given_frames", 0)))
+    if long.method == "continue" and not 0 < long.given < window:
+        raise ValueError(f"--long-method continue needs adapters trained with given frames (train.py --given-frames), "
+                         f"fewer than the --window {window}: {adapters or 'no --adapters'} has {long.given}")
+    return (long if adapters and frames > window and not others else None), schedule
+
+
+def sample_cli(args, plan, pipe, prompt, latents=None):
+    """sample.py's text-to-video (plan.travel's prompts, else `prompt`; from `latents` if given): uint8 [F, H, W, 3],
+    with its line on stderr."""
+    schedule, long = plan.travel or [(0, prompt)], plan.long
+    how = "" if long is None else f" ({long.method}, {long.window}-frame windows" + \
+        (f" overlapping by {long.overlap}" + (", FreeNoise" if long.freenoise else "") if long.method == "windows"
+         else f" after {long.given} given frames") + ")"
+    what = "; ".join(f"{f}: {p}" for f, p in schedule) if plan.travel else repr(prompt)
+    print(f"{what}: {plan.frames} frames of {plan.width}x{plan.height}{how}, {plan.steps} {plan.sampler} steps, "
+          f"guidance {plan.guidance}", file=sys.stderr)
+    return sample(pipe, [schedule], plan.frames, plan.height, plan.width, long, plan.steps, plan.guidance,
+                  args.negative, args.seed, plan.sampler, args.travel_blend, eta=args.eta, latents=latents)[0]
