@@ -85,7 +85,7 @@ def frame_weights(schedule, frames, blend=0):
     weights = torch.zeros(frames, len(schedule), dtype=torch.float64)
     for i in range(len(schedule)):
         weights[starts[i]:starts[i + 1], i] = 1
-    for i in range(1, len(schedule)) if blend > 1 else ():
+    for i in range(1, len(schedule) if blend > 1 else 1):  # each boundary, with a blend
         lo, hi = max(starts[i] - blend // 2, starts[i - 1]), min(starts[i] - blend // 2 + blend, starts[i + 1])
         for f in range(lo, hi):
             a = (f - starts[i] + blend / 2 + 0.5) / blend  # 0 -> 1 across the blend, 0.5 at the boundary
