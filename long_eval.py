@@ -29,8 +29,8 @@ PATHS = [("right", "down", "left", "up"), ("down", "left", "up", "right"), ("lef
          ("up", "right", "down", "left"), ("right", "left", "right", "left"), ("left", "right", "left", "right"),
          ("down", "up", "down", "up"), ("up", "down", "up", "down")]
 SEGMENT = 8  # frames per segment: the demo adapters' window
-METHODS = {"one pass": None, "windows": dict(method="windows"), "windows, FreeNoise": dict(method="windows", freenoise=True),
-           "continuation": dict(method="continue")}
+METHODS = {"one pass": None, "windows": dict(method="windows", freenoise=False),
+           "windows, FreeNoise": dict(method="windows", freenoise=True), "continuation": dict(method="continue")}
 COLUMNS = [("direction", "direction / segment", "%"), ("colour", "colour (frames)", "%"), ("shape", "shape (frames)", "%"),
            ("steps", "steps <= 3 px", "%"), ("seams", "seams <= 3 px", "%"), ("stray", "stray blob (frames)", "%"),
            ("present", "object present (frames)", "%")]  # per-video seconds are in the JSON (batched calls)

@@ -17,6 +17,7 @@ Prompt travel: a schedule "0: a red circle moving right; 8: a red circle moving 
 the prompt of its segment; the UNet takes one text context per frame ([B, F, 77, D]: the cross-attention
 runs frame by frame), optionally interpolated across `blend` frames at each boundary.
 """
+import argparse
 import os
 import sys
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ class Long:
     overlap: int  # frames two neighbouring windows share (windows)
     method: str = "windows"  # or "continue"
     weighting: str = "pyramid"  # a window's weights on its frames: pyramid (1, 2, .., 2, 1) or flat
-    freenoise: bool = False  # windows: FreeNoise's shuffled repeats of the first window's noise
+    freenoise: bool = True  # windows: FreeNoise's shuffled repeats of the first window's noise (docs/demo.md)
     given: int = 0  # continue: the frames each window is given, the adapters' given_frames
 
 
@@ -235,8 +236,8 @@ def add_flags(p):
     g.add_argument("--long-method", choices=METHODS, default="windows", help="windows: overlapping windows blended at "
                    "every step; continue: each window after the last given frames of the one before (adapters trained "
                    "with given frames) (default: %(default)s)")
-    g.add_argument("--freenoise", action="store_true", help="windows: start from FreeNoise's shuffled repeats of the "
-                   "first window's noise")
+    g.add_argument("--freenoise", action=argparse.BooleanOptionalAction, default=True, help="windows: start from "
+                   "FreeNoise's shuffled repeats of the first window's noise (default: on; docs/demo.md measures both)")
 
 
 def plan(args, meta, frames, adapters):
