@@ -5,12 +5,13 @@
     python evaluate.py shapes     # (or no sub-command) the demo's ablation table on the shapes world
     python evaluate.py sr         # the demo's second stage against its truth
     python evaluate.py i2v        # the demo's image-to-video and continuation on unseen first frames
+    python evaluate.py long       # the demo's long videos: prompt travel by windows, continuation, one pass
 
 `videos` and `t2v` measure what the paper reports (docs/metrics.md): CLIPSIM and frame
 consistency with CLIP (clip_model.py), FVD against real videos with I3D (i3d.py), the formulas in
 metrics.py. `t2v` is the paper's MSR-VTT protocol: one video per caption, sampled in batches,
 resumable (each finished video's features are kept, so a rerun goes on where a kill stopped it),
-then scored. `shapes`, `sr` and `i2v` live in shapes_eval.py.
+then scored. `shapes`, `sr` and `i2v` live in shapes_eval.py, `long` in long_eval.py.
 """
 import argparse
 import csv
@@ -25,6 +26,7 @@ import clip_model
 import clip_text
 import data
 import i3d
+import long_eval
 import metrics
 import shapes_eval
 import simda
@@ -373,7 +375,7 @@ def main_t2v(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = {"sr": shapes_eval.main_sr, "videos": main_videos, "t2v": main_t2v, "shapes": shapes_eval.main_shapes,
-                "i2v": shapes_eval.main_i2v}
+                "i2v": shapes_eval.main_i2v, "long": long_eval.main_long}
     if argv[:1] and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     if argv[:1] in (["-h"], ["--help"]):

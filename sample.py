@@ -7,6 +7,7 @@ second stage, SD's x4 upscaler inflated to video (Sec. 3.4 and 4).
     python sample.py "a dog surfing" --upscale-video clip.mp4 --sr-adapters out/sr/adapters.safetensors
     python sample.py "a red circle moving right" --image first.png      # image-to-video (the demo's adapters)
     python sample.py "a red circle moving right" --continue out.gif --out longer.gif
+    python sample.py --travel "0: a red circle moving right; 8: a red circle moving down" --frames 16
 
 The sampling itself is simda.Pipeline's (DDIM with classifier-free guidance, seeded CPU noise).
 Editing (Tune-A-Video style) encodes a clip with the VAE, DDIM-inverts its latents under the source
@@ -26,6 +27,7 @@ from safetensors import safe_open
 
 import data
 import ddim
+import long_video
 import shapes
 import simda
 from checkpoint import CheckpointError, save_safetensors
@@ -41,8 +43,8 @@ def read_prompts(args):
             raise ValueError(f"prompt file not found: {args.prompts}")
         with open(args.prompts, encoding="utf-8") as f:
             prompts += [line.strip() for line in f if line.strip()]
-    if not prompts and args.upscale_video:
-        return [""]  # the upscaler can go without a caption
+    if not prompts and (args.upscale_video or args.travel is not None or args.travel_file is not None):
+        return [""]  # the upscaler can go without a caption; --travel gives its own
     if not prompts:
         raise ValueError("no prompt given: pass one or more prompts, or --prompts FILE (one prompt a line)")
     return prompts
@@ -199,6 +201,7 @@ def build_parser():
     add("--compile", action="store_true", help="torch.compile the UNet: a slow first step, faster steps after "
                                                "(worth it for many steps or videos; measured in bench.py)")
     add_start_flags(p)
+    long_video.add_flags(p)
     sr = p.add_argument_group("super-resolution (the second stage: SD's x4 upscaler, with SimDA adapters for video)")
     stage = sr.add_mutually_exclusive_group()
     stage.add_argument("--upscale", action="store_true", help="upscale each sampled video x4 (the stage-one video is "
@@ -222,9 +225,8 @@ def build_parser():
 
 
 def pick_models(args):
-    """(checkpoint, adapters): --ckpt, else the SD weights simda.default_checkpoint finds, else the
-    built-in demo model and its adapters (a tiny SD trained on the shapes world), with a notice.
-    A $SIMDA_CKPT that points nowhere stays an error."""
+    """(checkpoint, adapters): --ckpt, else the SD weights simda.default_checkpoint finds, else the built-in demo
+    model and its adapters, with a notice. A $SIMDA_CKPT that points nowhere stays an error."""
     if args.ckpt:
         return args.ckpt, args.adapters
     try:
@@ -332,6 +334,8 @@ class Plan:
     fps: int
     given_frames: int = 0  # --image, --continue: the first frames given (1, or the adapters' given frames)
     guidance: float = 7.5  # stage one's (lcm: 1, the guidance distilled into the adapters)
+    long: long_video.Long = None  # windows or continuation past the adapters' frames (None: one pass)
+    travel: list = None  # --travel's schedule [(frame, prompt)]
 
 
 def make_plan(args, prompts):
@@ -340,12 +344,8 @@ def make_plan(args, prompts):
     ckpt, adapters = pick_models(args) if args.upscale_video is None else (None, None)
     is_demo = lambda path, demo_path: path is not None and os.path.abspath(path) == demo_path  # noqa: E731
     demo = is_demo(ckpt, simda.DEMO_CHECKPOINT)
-    if demo:
-        unknown = sorted({w for prompt in prompts for w in shapes.unknown_words(prompt)})
-        if unknown:  # it still samples: the words it knows steer what it draws
-            print(f"the demo model does not know the word(s) {', '.join(map(repr, unknown))}: it knows 'a COLOUR "
-                  f"SHAPE moving DIRECTION' with COLOUR {'|'.join(shapes.COLOURS)}, SHAPE {'|'.join(shapes.SHAPES)}, "
-                  f"DIRECTION {'|'.join(shapes.DIRECTIONS)}", file=sys.stderr)
+    if demo and shapes.unknown_notice(prompts):  # it still samples: the words it knows steer what it draws
+        print(shapes.unknown_notice(prompts), file=sys.stderr)
     upscaling = args.upscale or args.upscale_video is not None
     sr_ckpt, sr_adapters = pick_upscaler(args, ckpt is None or demo) if upscaling else (None, None)
     meta = simda.read_adapters(adapters)[1] if adapters else {}
@@ -366,8 +366,9 @@ def make_plan(args, prompts):
     frames, height, width = resolve_shape(args.frames, args.size, args.height, args.width, defaults=trained)
     if upscaling:  # the upscaler's UNet halves the low-res size three times
         check_shape(frames, height, width, 8, "as the upscaler's UNet halves the low-res video three times")
+    long, travel = long_video.plan(args, meta, frames, adapters)
     return Plan(ckpt, adapters, sampler, steps, sr_ckpt, sr_adapters, sr_sampler, sr_steps, sr_guidance, frames, height,
-                width, args.fps or int(meta.get("fps", DEFAULT_FPS)), guidance=guidance), meta
+                width, args.fps or int(meta.get("fps", DEFAULT_FPS)), guidance=guidance, long=long, travel=travel), meta
 
 
 def load(args, plan):
@@ -399,11 +400,8 @@ def make_video(args, plan, pipe, upscaler, prompt, path, latents, given=None):
     frames, height, width = plan.frames, plan.height, plan.width
     if given is not None:
         video = sample_given(args, plan, pipe, prompt, given)
-    elif pipe is not None:
-        print(f"{prompt!r}: {frames} frames of {width}x{height}, {plan.steps} {plan.sampler} steps, guidance "
-              f"{plan.guidance}", file=sys.stderr)
-        video = pipe(prompt, frames, height, width, plan.steps, plan.guidance, args.negative, args.eta, args.seed,
-                     latents, sampler=plan.sampler)[0]
+    elif pipe is not None:  # text-to-video (from --edit's latents, if given), in windows past the adapters' frames
+        video = long_video.sample_cli(args, plan, pipe, prompt, latents)
     else:
         clip = data.read_clip(args.upscale_video, frames, args.stride or 1, height, width, start=0)
         video = to_uint8(clip.movedim(1, -1))

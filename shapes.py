@@ -61,6 +61,14 @@ def unknown_words(prompt):
     return [w for w in re.findall(r"[a-z']+", str(prompt).lower()) if w not in known]
 
 
+def unknown_notice(prompts):
+    """A line naming the words of `prompts` the world does not know and the words it knows; '' if none."""
+    unknown = sorted({w for prompt in prompts for w in unknown_words(prompt)})
+    return f"the demo model does not know the word(s) {', '.join(map(repr, unknown))}: it knows 'a COLOUR SHAPE " \
+        f"moving DIRECTION' with COLOUR {'|'.join(COLOURS)}, SHAPE {'|'.join(SHAPES)}, DIRECTION " \
+        f"{'|'.join(DIRECTIONS)}" if unknown else ""
+
+
 def coverage(shape, cx, cy, r, width, height):
     """Fraction [height, width] of each pixel covered by the shape of half-width r centred at (cx, cy);
     pixel (x, y) spans [x, x + 1) x [y, y + 1). Only the pixels of the shape's bounding box are

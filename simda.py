@@ -121,13 +121,14 @@ class Pipeline:
             return context
         return torch.cat([self.text_context([negative] * len(prompts)), context])
 
-    def guided_model(self, context, guidance, low_res=None, noise_level=None):
+    def guided_model(self, context, guidance, low_res=None, noise_level=None, unet=None):
         """The UNet's output (eps or v) as a function of (x, t), with classifier-free guidance: `context`
         is [uncond; cond] ([2B, 77, D]) when guidance != 1, else just cond. Guiding v is guiding eps:
         for a given x_t, v is affine in eps and the guidance weights sum to 1. Latents stay float32;
         the UNet runs in the pipeline's dtype. The upscaler's UNet also takes the noised low-res video
-        `low_res` [B, 3, F, h, w], concatenated to the latents' channels, and its `noise_level` [B]."""
-        guided = guidance != 1
+        `low_res` [B, 3, F, h, w], concatenated to the latents' channels, and its `noise_level` [B]. `unet`: what
+        runs in the UNet's place (its arguments), e.g. long_video's windows; `context` may be per frame [B, F, 77, D]."""
+        guided, unet = guidance != 1, unet or self.unet
 
         def model(x, t):
             x_in = x if low_res is None else torch.cat([x, low_res], dim=1)
@@ -135,7 +136,7 @@ class Pipeline:
             if not torch.is_tensor(t):  # a tensor, filled on the device: torch.compile would take an int for a constant
                 t = torch.full((x_in.shape[0],), t, dtype=torch.long, device=x_in.device)  # and recompile every step
             y = None if noise_level is None else torch.cat([noise_level, noise_level]) if guided else noise_level
-            out = self.unet(x_in.to(self.dtype), t, context, y).float()
+            out = unet(x_in.to(self.dtype), t, context, y).float()
             if not guided:
                 return out
             uncond, cond = out.chunk(2)
@@ -144,12 +145,12 @@ class Pipeline:
 
     @torch.no_grad()
     def denoise(self, x, context, steps=50, guidance=7.5, eta=0.0, generator=None, progress=True, low_res=None,
-                noise_level=None, sampler="ddim", given=None):
+                noise_level=None, sampler="ddim", given=None, unet=None):
         """`sampler` (DDIM, ddim.sample, or DPM-Solver++, dpm_solver.sample) from x (scaled latents
         [B, 4, F, h, w] at the first timestep) to clean latents (float32), with a progress line. With eta > 0
         (DDIM only) the step noise comes from `generator`. `low_res`, `noise_level`: the upscaler's
         conditioning (see `guided_model`). `given`: clean latents [B, 4, k, h, w] of the first k frames, which
-        stay exactly what they are (see `with_given`)."""
+        stay exactly what they are (see `with_given`). `unet`: in the UNet's place (see `guided_model`)."""
         check_sampling(sampler, steps, eta)
         if sampler == "lcm" and not self.distilled:
             raise ValueError("these adapters were not distilled (train.py --distill): sample them with ddim or dpm++, "
@@ -157,7 +158,7 @@ class Pipeline:
         if sampler == "lcm" and guidance != 1:
             raise ValueError(f"lcm samples with the guidance distilled into the adapters: one UNet call a step, "
                              f"guidance 1, not {guidance}")
-        model = self.guided_model(context, guidance, low_res, noise_level)
+        model = self.guided_model(context, guidance, low_res, noise_level, unet)
         model = with_progress(model if given is None else with_given(model, given),
                               Progress("sampling" if low_res is None else "upscaling", steps, enabled=progress))
         if sampler == "dpm++":

@@ -328,7 +328,8 @@ class UNet(nn.Module):
 
     def forward(self, x, t, context, y=None):
         """x [B, C, F, h, w] latents, t [B] (or a scalar) timesteps, or [B, F] (or [1, F]) one per frame (given
-        frames at t = 0 beside noisy ones: image-to-video, continuation); context [B, 77, D] text states;
+        frames at t = 0 beside noisy ones: image-to-video, continuation); context [B, 77, D] text states, or
+        [B, F, 77, D] one per frame (prompt travel: long_video.py);
         y [B] class labels (LongTensor), for a UNet with `num_classes` (the x4 upscaler's noise level)."""
         if x.dim() != 5:
             raise ValueError(f"UNet expects video latents [B, C, F, h, w], got shape {tuple(x.shape)}")
@@ -354,7 +355,9 @@ class UNet(nn.Module):
         # every frame of a video shares its text, and its timestep unless each frame has its own
         if not per_frame:
             emb = emb.repeat_interleave(frames, dim=0)
-        context = context.repeat_interleave(frames, dim=0)
+        if context.dim() == 4 and tuple(context.shape[:2]) != (b, frames):
+            raise ValueError(f"per-frame contexts must be [B, F, 77, D] = [{b}, {frames}, ...], got {tuple(context.shape)}")
+        context = context.flatten(0, 1) if context.dim() == 4 else context.repeat_interleave(frames, dim=0)
 
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         h = frames_to_batch(x)

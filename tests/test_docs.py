@@ -17,8 +17,8 @@ import pytest
 from conftest import ROOT
 
 README_LIMIT = 14_000  # bytes: the README is one screen or three; the measurements live in docs/
-SCRIPTS = {"train.py", "sample.py", "evaluate.py", "bench.py", "train_image.py"}
-SUB_COMMANDS = {"evaluate.py": ("videos", "t2v", "shapes", "sr", "i2v")}
+SCRIPTS = {"train.py", "sample.py", "evaluate.py", "bench.py", "bench_long.py", "train_image.py"}
+SUB_COMMANDS = {"evaluate.py": ("videos", "t2v", "shapes", "sr", "i2v", "long")}
 DEFAULT_SUB = {"evaluate.py": "shapes"}  # evaluate.py with no sub-command runs the demo's ablation table
 REPO_PREFIXES = ("models/", "tests/", "docs/", "clip_vocab/", ".ci/")
 RUNNERS = {"python", "python3", "torchrun"}

@@ -6,7 +6,7 @@ import os
 
 from conftest import ROOT
 
-SCRIPTS = {"sample", "train", "train_image", "evaluate", "bench"}
+SCRIPTS = {"sample", "train", "train_image", "evaluate", "bench", "bench_long"}
 
 
 def import_graph():
