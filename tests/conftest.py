@@ -178,3 +178,15 @@ def tiny_checkpoint(tiny_models, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny") / "tiny.safetensors")
     save_safetensors(ldm_state_dict(*tiny_models), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def given_frames_pipe(tiny_checkpoint):
+    """The tiny SD with adapters off zero (the temporal layers mix frames), said to be trained with 2 given frames:
+    a fresh one a module (tests/test_i2v.py, tests/test_long_video.py)."""
+    import simda
+    from adapters import SimDAConfig
+    pipe = simda.load_pipeline(tiny_checkpoint, simda_config=SimDAConfig())
+    perturb_adapters_(pipe.unet, seed=5)
+    pipe.given_frames = 2
+    return pipe

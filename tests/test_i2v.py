@@ -24,12 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_checkpoint):
-    """The tiny SD with adapters off zero (the temporal layers mix frames), said to be trained with 2 given frames."""
-    pipe = simda.load_pipeline(tiny_checkpoint, simda_config=SimDAConfig())
-    perturb_adapters_(pipe.unet, seed=5)
-    pipe.given_frames = 2
-    return pipe
+def pipe(given_frames_pipe):
+    return given_frames_pipe  # conftest's: the tiny SD with moved adapters, said to be trained with 2 given frames
 
 
 @pytest.mark.parametrize("num_classes", [0, 10])
