@@ -78,6 +78,9 @@ X4 = Family("SD x4 upscaler", OPEN_CLIP_PREFIX, unet_heads=8, unet_head_channels
             text_head_width=64, hidden_act="gelu", pad_id=clip_text.OPEN_CLIP_PAD, predictions="v",
             latent_scale=0.08333, betas=(0.0001, 0.02))
 LOW_SCALE_PREFIX = "low_scale_model."  # the upscaler's noise-augmentation schedule buffers, recomputed by us
+# safetensors metadata: the UNet levels whose attn1 attends to the text ("1,2"), which the shapes cannot
+# tell where the text is as wide as the level (the demo upscaler's level 1)
+TEXT_ONLY_LEVELS_KEY = "disable_self_attentions"
 
 
 class CheckpointError(ValueError):
@@ -89,20 +92,18 @@ class CheckpointError(ValueError):
 def write_atomic(path, write):
     """`write(tmp)` writes the file under a temporary name; it is flushed to the disk and renamed
     over `path`, so a reader, a kill or a power loss at any instant leaves the old file or the new."""
-    tmp = f"{path}.tmp"
-    write(tmp)
-    fd = os.open(tmp, os.O_RDWR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    if hasattr(os, "O_DIRECTORY"):  # the rename itself, on POSIX
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    def sync(name, flags):
+        fd = os.open(name, flags)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+    tmp = f"{path}.tmp"
+    write(tmp)
+    sync(tmp, os.O_RDWR)
+    os.replace(tmp, path)
+    if hasattr(os, "O_DIRECTORY"):  # the rename itself, on POSIX
+        sync(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
 
 
 def remove_temporaries(folder, names):
@@ -149,11 +150,6 @@ def is_torchscript(path):
             return any(name.endswith("constants.pkl") or "/code/" in name for name in z.namelist())
     except (OSError, zipfile.BadZipFile):
         return False
-
-
-# safetensors metadata: the UNet levels whose attn1 attends to the text ("1,2"), which the shapes cannot
-# tell where the text is as wide as the level (the demo upscaler's level 1)
-TEXT_ONLY_LEVELS_KEY = "disable_self_attentions"
 
 
 READ_BYTES = 256 * 2**20  # what read_tensors reads of a .safetensors file between reopening it
@@ -446,9 +442,7 @@ def ldm_state_dict(text_encoder, vae, unet):
     """The three models as one state dict in the official single-file layout of their family (SD 2.x
     when the text encoder uses the exact GELU: OpenCLIP's names, plus the unused last layer as zeros)."""
     text = text_encoder.state_dict()
-    if text_encoder.config.hidden_act == SD2.hidden_act:
-        text_part = (SD2.text_prefix, clip_text.to_open_clip(text))
-    else:
-        text_part = (SD1.text_prefix, text)
-    parts = [text_part, (VAE_PREFIX, vae.state_dict()), (UNET_PREFIX, unet.state_dict())]
+    sd2 = text_encoder.config.hidden_act == SD2.hidden_act
+    parts = [(SD2.text_prefix, clip_text.to_open_clip(text)) if sd2 else (SD1.text_prefix, text),
+             (VAE_PREFIX, vae.state_dict()), (UNET_PREFIX, unet.state_dict())]
     return {prefix + k: v for prefix, part in parts for k, v in part.items()}
