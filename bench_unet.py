@@ -292,6 +292,35 @@ def build_run(folder, frames, size, batch, precision, checkpointing, device="cpu
         return train.build_run(args)
 
 
+def animatediff_unet(unet, device, dtype):
+    """AnimateDiff's UNetMotionModel (diffusers) on the peer of `unet`, as its training runs: motion modules of
+    the UNet's widths and depth, the 2D UNet frozen, gradient checkpointing on."""
+    from diffusers import MotionAdapter, UNetMotionModel
+    config = unet.config
+    motion_adapter = MotionAdapter(block_out_channels=[config.model_channels * m for m in config.channel_mult],
+                                   motion_layers_per_block=config.num_res_blocks, motion_norm_num_groups=32,
+                                   motion_num_attention_heads=config.num_heads, motion_max_seq_length=32)
+    model = UNetMotionModel.from_unet2d(peer_of(unet), motion_adapter).to(device, dtype)
+    model.freeze_unet2d_params()
+    model.enable_gradient_checkpointing()
+    return model.train()
+
+
+def training_step(loss, optimizer, scaler=None):
+    """A whole training step as a closure: backward of `loss()` (through the grad scaler for float16), the
+    optimizer's update, the gradients cleared."""
+    def step():
+        if scaler:
+            scaler.scale(loss()).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss().backward()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 def run_case(case, args):
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     config = unet_module.UNetConfig.tiny() if args.tiny else unet_module.UNetConfig()
@@ -310,14 +339,7 @@ def run_case(case, args):
         frames = frames_to_batch(x)
         step = lambda: model(frames, t, encoder_hidden_states=context.repeat_interleave(args.frames, 0))  # noqa: E731
     elif case == "animatediff_train":
-        from diffusers import MotionAdapter, UNetMotionModel
-        motion_adapter = MotionAdapter(block_out_channels=[config.model_channels * m for m in config.channel_mult],
-                                       motion_layers_per_block=config.num_res_blocks, motion_norm_num_groups=32,
-                                       motion_num_attention_heads=config.num_heads, motion_max_seq_length=32)
-        model = UNetMotionModel.from_unet2d(peer_of(model), motion_adapter).to(device, dtype)
-        model.freeze_unet2d_params()
-        model.enable_gradient_checkpointing()
-        model.train()
+        model = animatediff_unet(model, device, dtype)
         context_per_frame = context.repeat_interleave(args.frames, 0)  # AnimateDiff wants [B*F, 77, D]
         loss = lambda: model(x, t, encoder_hidden_states=context_per_frame).sample.float().square().mean()  # noqa: E731
     elif case == "simda_train":  # train.py's model, precision, optimizer and scaler (train.build_run)
@@ -333,11 +355,10 @@ def run_case(case, args):
         freeze_for_training(model)
         model.gradient_checkpointing = True
         model.train()
-        loss = lambda: model(x, t, context).float().square().mean()  # noqa: E731
-        if case == "simda_distill":  # x stands for clean latents; the empty prompt's text is zeros
-            pipe = SimpleNamespace(unet=model, prediction="epsilon", alphas=None,
-                                   text_context=lambda prompts: torch.zeros_like(context[:1]))
-            loss = lambda: distiller.consistency_loss(model, x, context, list(range(b)), 0)  # noqa: E731
+        # x stands for clean latents; the empty prompt's text is zeros
+        pipe = SimpleNamespace(unet=model, prediction="epsilon", alphas=None,
+                               text_context=lambda prompts: torch.zeros_like(context[:1]))
+        loss = lambda: distiller.consistency_loss(model, x, context, list(range(b)), 0)  # noqa: E731
     else:
         model = model.to(device, dtype)
         step = lambda: model(x, t, context)  # noqa: E731
@@ -350,17 +371,7 @@ def run_case(case, args):
         scaler = run.scaler if case == "simda_train" else None  # float16: train.py's grad scaler
         if case == "simda_distill":  # its target follows the optimizer's steps
             distiller = distill.Distiller(pipe, distill.Settings("random adapters"), optimizer)
-
-        def train_step():
-            if scaler:
-                scaler.scale(loss()).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss().backward()
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        step = train_step
+        step = training_step(loss, optimizer, scaler)
     if case.endswith("forward"):
         model.eval()
         with torch.inference_mode():
