@@ -45,8 +45,11 @@ def timesteps(num_inference_steps):
     return (torch.arange(num_inference_steps - 1, -1, -1) * step_ratio + 1).long()
 
 
-def _alpha(t, alphas=None):
-    """alphas[t] as a 0-d float32 tensor; a negative t is the clean end, alphas[0]."""
+def _alpha(t, alphas=None, like=None):
+    """alphas[t] as a 0-d float32 tensor; a negative t is the clean end, alphas[0]. Timesteps [B] (a tensor, one per
+    sample of `like`): their alphas shaped to broadcast against `like` (`_alphas`), gathered with no read back."""
+    if isinstance(t, torch.Tensor) and t.dim() > 0:
+        return _alphas(t.clamp(min=0), like, alphas)
     t = int(t)
     if t >= NUM_TRAIN_TIMESTEPS:
         raise ValueError(f"timestep must be < {NUM_TRAIN_TIMESTEPS}, got {t}")
@@ -72,9 +75,11 @@ def step(x_t, model_output, t, t_prev, eta=0.0, noise=None, prediction="epsilon"
 
     t_prev < 0 marks the final step. eta = 0 is deterministic DDIM; eta > 0 adds sigma_t * noise, and the
     caller must pass `noise` (a standard normal tensor shaped like x_t), so this function stays pure.
-    The alphas are float32 0-d tensors, so the arithmetic runs in x_t's dtype, as in diffusers.
+    The alphas are float32 0-d tensors, so the arithmetic runs in x_t's dtype, as in diffusers. t and t_prev may
+    also be tensors [B], one step per sample of x_t (distill.py's teacher), their alphas in x_t's dtype as add_noise's:
+    in float32 each sample's result is the one-sample step's, bit for bit.
     """
-    a_t, a_prev = _alpha(t, alphas), _alpha(t_prev, alphas)
+    a_t, a_prev = _alpha(t, alphas, x_t), _alpha(t_prev, alphas, x_t)
     eps, x0 = split(x_t, model_output, a_t, prediction)
     if eta == 0:  # deterministic; also valid run backwards (t_prev > t), which inversion relies on
         return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
@@ -110,7 +115,7 @@ def _alphas(t, like, alphas=None):
     """alphas at the timesteps t [B], shaped [B, 1, 1, ...] to broadcast against `like`. Timesteps drawn on the
     host (training's, LCM's) are looked up there: B values reach the device, without waiting for it."""
     table = alphas_cumprod if alphas is None else alphas
-    a = to_device(table[t], like.device) if t.device.type == "cpu" else table.to(t.device)[t]
+    a = to_device(table[t], like.device) if t.device.type == "cpu" else to_device(table, t.device)[t]
     return a.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 

@@ -99,12 +99,6 @@ def ema_(target, student, rate):
         value.lerp_(student[key].detach().to(value.dtype), 1 - rate)
 
 
-def ddim_steps(x, output, t, t_prev, prediction="epsilon", alphas=None):
-    """ddim.step from t to t_prev for each sample of x (t, t_prev: LongTensors [B]; t_prev < 0: the clean end)."""
-    return torch.cat([ddim.step(x[i:i + 1], output[i:i + 1], int(t[i]), int(t_prev[i]), prediction=prediction,
-                                alphas=alphas) for i in range(len(x))])
-
-
 def draw(seed, gs, settings, like):
     """(timesteps t [B] of the grid, the noise shaped like `like`, guidance scales w [B]) of the samples gs."""
     steps, ts, noise, w = lcm.grid(settings.skip), [], [], []
@@ -156,7 +150,7 @@ class Distiller:
                                                               torch.cat([self.uncond.expand_as(context), context])))
         uncond, cond = both.float().chunk(2)
         guided = uncond + w.reshape(-1, *[1] * (x.dim() - 1)) * (cond - uncond)
-        return ddim_steps(x, guided, t, t - self.settings.skip, self.pipe.prediction, self.pipe.alphas)
+        return ddim.step(x, guided, t, t - self.settings.skip, prediction=self.pipe.prediction, alphas=self.pipe.alphas)
 
     @torch.no_grad()
     def target_consistency(self, x, t, context):

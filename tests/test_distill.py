@@ -14,7 +14,7 @@ import sample
 import simda
 import train
 from adapters import SimDAConfig, adapter_state_dict, freeze_for_training
-from conftest import perturb_adapters_, rel_err
+from conftest import op_log, perturb_adapters_, rel_err
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = ["--frames", "4", "--size", "16"]  # latents 4 x 8x8: the tiny VAE halves, the tiny UNet needs multiples of 4
@@ -60,6 +60,25 @@ def test_the_teachers_step_is_ddims_step_on_the_guided_output_of_the_teachers_ad
     # the step used the teacher's adapters, not the student's the UNet now holds
     student = d.pipe.guided_model(torch.cat([d.uncond, context[2:]]), 7.5)
     assert rel_err(ours[2:], ddim.step(x[2:], student(x[2:], 999), 999, 979)) > 1e-4
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("alphas", [None, ddim.make_alphas_cumprod(0.0001, 0.02)], ids=["sd", "upscaler"])
+def test_the_teachers_step_on_timesteps_per_sample_is_the_one_sample_step_bit_for_bit_without_a_read_back(
+        prediction, eta, alphas):
+    """ddim.step on timesteps [B] (the teacher's t and t - k, on the device in training) gives each sample what
+    ddim.step on that sample alone gives, to the bit in float32, the clean end t_prev < 0 included, and reads
+    nothing back to the host (no .item() or int() of a timestep: a wait for the GPU per sample)."""
+    g = torch.Generator().manual_seed(0)
+    x, output, noise = (torch.randn(5, 4, 3, 6, 6, generator=g) for _ in range(3))
+    t, t_prev = torch.tensor([999, 500, 19, 0, 260]), torch.tensor([979, 480, -1, -20, 240])
+    with op_log() as ops:
+        ours = ddim.step(x, output, t, t_prev, eta, noise, prediction, alphas)
+    expected = torch.cat([ddim.step(x[i:i + 1], output[i:i + 1], int(t[i]), int(t_prev[i]), eta, noise[i:i + 1],
+                                    prediction, alphas) for i in range(5)])
+    assert torch.equal(ours, expected)
+    assert ops["aten._local_scalar_dense.default"] == 0, ops
 
 
 @pytest.mark.parametrize("rate", [0.95, 0.0])
