@@ -12,7 +12,7 @@ also times how long the loop waited for data (the progress line's `data wait`); 
 (--cache-latents, on the disk under --out; such a run reads its samples in the training process). `make_inputs`
 turns a step's samples into what the UNet sees and what it must output; with --given-frames, `draw_given` picks the
 samples whose first frames stay clean (at t = 0: image-to-video and continuation), and `loss_mask`
-leaves those frames out of the loss.
+leaves those frames out of the loss. `check_flags` checks the flags of all this before any model loads.
 """
 import gc
 import math
@@ -108,6 +108,26 @@ def make_inputs(pipe, batch, gs, seed, device, timestep_bias=0.0, given=None):
         x = torch.cat([x, ddim.add_noise(low_res, low_noise, levels, pipe.alphas)], dim=1)
         levels = to_device(levels, device)
     return x, to_device(t, device), target, context, levels
+
+
+def check_flags(args, frames):
+    """train.py's flags of its input (the clips, their captions, given frames and timesteps, the workers that read
+    them), checked before any model loads; `frames`: the clips' frame count, resolved."""
+    if args.num_workers is not None and args.num_workers < 0:
+        raise ValueError(f"--num-workers must be at least 0, got {args.num_workers}")
+    if not args.timestep_bias >= 0:
+        raise ValueError(f"--timestep-bias must be >= 0, got {args.timestep_bias}")
+    if args.given_frames and not 0 < args.given_frames < frames:
+        raise ValueError(f"--given-frames must leave frames to predict: 1 to {frames - 1} of {frames}, got "
+                         f"{args.given_frames}")
+    if args.given_frames and args.stage == "sr":
+        raise ValueError("--given-frames trains image-to-video and continuation, not the upscaler: drop it")
+    if not 0 <= args.given_probability <= 1:
+        raise ValueError(f"--given-probability must be in [0, 1], got {args.given_probability}")
+    if not 0 <= args.caption_dropout <= 1:
+        raise ValueError(f"--caption-dropout must be in [0, 1], got {args.caption_dropout}")
+    if args.video is not None and not os.path.isfile(args.video):
+        raise ValueError(f"--video {args.video} does not exist")
 
 
 def make_dataset(args, rank):

@@ -147,21 +147,7 @@ def check_args(args):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     simda.check_sampling(args.val_sampler, args.val_steps)
-    if args.num_workers is not None and args.num_workers < 0:
-        raise ValueError(f"--num-workers must be at least 0, got {args.num_workers}")
-    if not args.timestep_bias >= 0:
-        raise ValueError(f"--timestep-bias must be >= 0, got {args.timestep_bias}")
-    if args.given_frames and not 0 < args.given_frames < frames:
-        raise ValueError(f"--given-frames must leave frames to predict: 1 to {frames - 1} of {frames}, got "
-                         f"{args.given_frames}")
-    if args.given_frames and sr:
-        raise ValueError("--given-frames trains image-to-video and continuation, not the upscaler: drop it")
-    if not 0 <= args.given_probability <= 1:
-        raise ValueError(f"--given-probability must be in [0, 1], got {args.given_probability}")
-    if not 0 <= args.caption_dropout <= 1:
-        raise ValueError(f"--caption-dropout must be in [0, 1], got {args.caption_dropout}")
-    if args.video is not None and not os.path.isfile(args.video):
-        raise ValueError(f"--video {args.video} does not exist")
+    loader.check_flags(args, frames)
     saved = os.path.exists(os.path.join(args.out, "state.pt"))
     if saved and not args.resume:
         raise ValueError(f"{args.out} already holds a run (state.pt): pass --resume to continue it, or another --out")
