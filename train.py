@@ -34,7 +34,7 @@ import math
 import os
 import shlex
 import sys
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -159,7 +159,7 @@ def check_args(args):
                                  "resume": args.resume and saved})
 
 
-@dataclass
+@dataclasses.dataclass
 class Run:
     """Everything a training run holds; `step` is the number of optimizer steps done."""
     args: argparse.Namespace
@@ -168,12 +168,11 @@ class Run:
     device: torch.device
     ckpt: str
     config: dict  # the settings a resumed run should keep
-    dataset: object
     pipe: simda.Pipeline
     model: torch.nn.Module  # the UNet, or its DistributedDataParallel wrapper
     params: list
     optimizer: torch.optim.Optimizer
-    scaler: object
+    scaler: torch.amp.GradScaler  # float16's; disabled (its calls no-ops) in other precisions
     autocast: object
     feed: loader.Feed = None  # this rank's samples of each step, read ahead
     distiller: distill.Distiller = None  # --distill: the teacher's and the target's adapters, the loss
@@ -216,18 +215,17 @@ def build_run(args):
     check_shape(args.frames, args.height, args.width, factor)
     pipe.unet.gradient_checkpointing = args.gradient_checkpointing
     params = freeze_for_training(pipe.unet)
-    model = pipe.unet
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = pipe.unet if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        pipe.unet, device_ids=[device.index] if device.type == "cuda" else None)
     config = dict(batch_size=args.batch_size, seed=args.seed, frames=args.frames, stride=args.stride, height=args.height,
                   width=args.width, caption_dropout=args.caption_dropout, hflip=args.hflip, lr=args.lr,
                   timestep_bias=args.timestep_bias, cache_latents=args.cache_latents, data=args.data or args.video,
                   simda_config=dataclasses.asdict(pipe.unet.simda_config), prediction=pipe.prediction, stage=args.stage,
                   given_frames=args.given_frames, given_probability=args.given_probability if args.given_frames else 0,
                   distill=args.distill_settings and distill.metadata(args.distill_settings))
-    run = Run(args, rank, world, device, ckpt, config, dataset, pipe, model, params,
+    run = Run(args, rank, world, device, ckpt, config, pipe, model, params,
               torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay),
-              torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
+              torch.amp.GradScaler("cuda", enabled=dtype == torch.float16),  # disabled: its calls are no-ops
               (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext)
     run.distiller = args.distill_settings and distill.Distiller(pipe, args.distill_settings, run.optimizer, state)
     if state is not None:
@@ -250,7 +248,7 @@ def open_output(run, dtype):
         print(f"removed {os.path.join(args.out, name)}, left by an interrupted write", file=sys.stderr)
     run.log = start_log(os.path.join(args.out, "log.jsonl"), run.step)
     run.progress = Progress("step", args.steps, done=run.step, redraw=False)
-    source = "fresh shapes-world videos" if args.data == "shapes" else f"{len(run.dataset)} videos"
+    source = "fresh shapes-world videos" if args.data == "shapes" else f"{len(run.feed.dataset)} videos"
     stride = "" if args.data == "shapes" else f" (stride {args.stride})"
     print(f"{source}, {args.frames} frames of {args.width}x{args.height}{stride}, global batch {args.batch_size} on "
           f"{run.world} process(es), {run.device}, precision {str(dtype).removeprefix('torch.')}")
@@ -279,16 +277,12 @@ def train_step(run):
         dist.all_reduce(value)
         value /= run.world
     run.optimizer.zero_grad(set_to_none=True)
-    (run.scaler.scale(loss) if run.scaler else loss).backward()
-    if run.scaler:
-        run.scaler.unscale_(run.optimizer)
+    run.scaler.scale(loss).backward()
+    run.scaler.unscale_(run.optimizer)
     if args.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(run.params, args.max_grad_norm)
-    if run.scaler:
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-    else:
-        run.optimizer.step()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
     run.step += 1
     return value
 
@@ -345,7 +339,7 @@ def save(run):
         meta.update(distilled=run.config["distill"])
     simda.save_adapters(run.pipe.unet, os.path.join(args.out, "adapters.safetensors"), **meta)
     state = dict(step=run.step, adapters={k: v.cpu() for k, v in adapter_state_dict(run.pipe.unet).items()},
-                 optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict() if run.scaler else {},
+                 optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(),
                  config=run.config, target=run.distiller.state_dict() if run.distiller else {})
     save_torch(state, os.path.join(args.out, "state.pt"))
 
@@ -359,13 +353,11 @@ def load_state(out):
 
 
 def resume(run, state):
-    path = os.path.join(run.args.out, "state.pt")
-    simda.load_adapters(run.pipe.unet, state["adapters"], path)
+    simda.load_adapters(run.pipe.unet, state["adapters"], os.path.join(run.args.out, "state.pt"))
     run.optimizer.load_state_dict(state["optimizer"])
-    if run.scaler and state["scaler"]:
+    if state["scaler"]:  # saved by a float16 run (a disabled scaler ignores it)
         run.scaler.load_state_dict(state["scaler"])
-    changed = [f"{k} {v} -> {run.config.get(k)}" for k, v in state["config"].items() if run.config.get(k) != v]
-    if changed:
+    if changed := [f"{k} {v} -> {run.config.get(k)}" for k, v in state["config"].items() if run.config.get(k) != v]:
         print(f"warning: resuming with other settings ({', '.join(changed)}): the run will not continue exactly",
               file=sys.stderr)
     run.step = run.saved = state["step"]
@@ -386,10 +378,7 @@ def start_log(path, step):
                     continue
                 if entry["step"] <= step:
                     kept.append(json.dumps(entry) + "\n")
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-    write_atomic(path, write)
+    write_atomic(path, lambda tmp: Path(tmp).write_text("".join(kept)))
     return open(path, "a")
 
 
