@@ -1,6 +1,7 @@
 """Where a run executes and how it reports: the device and dtype choices of every script, the
 process group of a torchrun job, and the progress lines (count, rate, ETA) of sampling, training
 and evaluation."""
+import ctypes
 import os
 import sys
 import time
@@ -12,8 +13,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def pick_device(name="auto"):
-    """auto: CUDA if present, else Apple MPS, else the CPU. On CUDA also `fast_cuda_kernels`: every
-    command (train, sample, evaluate) picks its device here."""
+    """auto: CUDA if present, else Apple MPS, else the CPU. On CUDA also `fast_cuda_kernels`, and on every device
+    `return_freed_memory`: every command (train, sample, evaluate) picks its device here."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
         device = torch.device(next(kind for kind, ok in available.items() if ok))
@@ -26,7 +27,22 @@ def pick_device(name="auto"):
             raise ValueError(f"--device {name}: {device.type} is not available in this torch build or on this machine")
     if device.type == "cuda":
         fast_cuda_kernels()
+    return_freed_memory()
     return device
+
+
+def return_freed_memory(threshold=8 * 2**20):
+    """glibc (Linux) only: blocks of `threshold` bytes and more are mapped afresh and unmapped when freed, so that
+    the host memory of a run is what it holds. By default glibc raises that threshold (up to 32 MiB) each time a
+    mapped block is freed, and from then on serves the UNet's activations from its heap, which keeps the freed
+    ones as fragments. sample.py at SD-1.5 size, 16 frames of 256x256: peak 4.17 GiB with glibc's default, 3.52
+    GiB with this, for 3% more wall time (docs/benchmarks.md, "Memory"). Returns whether it was set."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: macOS, Windows, musl
+        return False
+    m_mmap_threshold = -3  # malloc.h's M_MMAP_THRESHOLD
+    return libc.mallopt(m_mmap_threshold, threshold) == 1
 
 
 def fast_cuda_kernels():
