@@ -217,11 +217,16 @@ class Clips:
 
 
 def read_ahead(clips, args, workers):
-    """Timer of loader.Feed reading every clip with `workers` workers, and the loop making it floats (loader.pixels)."""
+    """Timer of loader.Feed reading every clip with `workers` workers, and the loop making it floats (loader.pixels);
+    its `steady`: the wall seconds a clip from the first clip's arrival on (the workers' start-up, once a run, left
+    out)."""
     with Timer() as timer:
         feed = loader.Feed(Clips(clips, args), 1, 0, 1, 0, len(clips), workers, torch.device("cpu"))
-        for _ in clips:
+        for i in range(len(clips)):
             loader.pixels(feed.next()[1], torch.device("cpu"))
+            if i == 0:
+                first = time.perf_counter()
+        timer.steady = (time.perf_counter() - first) / max(len(clips) - 1, 1)
         feed.close()  # the workers end: their CPU time is counted
     return timer
 
@@ -273,6 +278,11 @@ def report(clips, references, args):
         versus = f", {best['old'].wall / best[workers].wall:.2f}x the sequential decode" + \
             (f", {best[workers - 1].wall / best[workers].wall:.2f}x {workers - 1} worker(s)" if workers > 1 else "")
         line(f"--num-workers {workers} (data.read_clip, loader.Feed)", best[workers], n, versus)
+    print("the same once the first clip is in (the start-up of the workers, once a run, left out):")
+    for workers in range(args.workers + 1):
+        steady = best[workers].steady
+        versus = f", {best[workers - 1].steady / steady:.2f}x {workers - 1} worker(s)" if workers > 1 else ""
+        print(f"--num-workers {workers}: {1 / steady:.2f} clips/s, {steady:.3f} s/clip{versus}", flush=True)
     core = one_core(clips, args)
     line("data.read_clip on one core (one torch thread)", core, n)
     for batch in (1, 8):
