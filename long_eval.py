@@ -93,7 +93,7 @@ def main_long(argv):
     p.add_argument("--paths", type=int, default=24, help=f"travel videos per seed, cycling {len(PATHS)} paths "
                                                          "(default: %(default)s)")
     p.add_argument("--seeds", type=int, default=1, help="seeds (default: %(default)s)")
-    p.add_argument("--overlap", type=int, default=SEGMENT // 2, help="windows: frames neighbours share (default: %(default)s)")
+    p.add_argument("--overlap", type=int, default=long_video.default_overlap(SEGMENT), help="windows: frames neighbours share (default: %(default)s)")
     p.add_argument("--blend", type=int, default=0, help="--travel-blend: frames of text interpolation (default: 0)")
     p.add_argument("--sampler", choices=list(simda.SAMPLERS), default=simda.DEMO_SAMPLING[0], help="(default: %(default)s)")
     p.add_argument("--steps", type=int, default=simda.DEMO_SAMPLING[1][simda.DEMO_SAMPLING[0]], help="(default: %(default)s)")

@@ -143,7 +143,7 @@ def straight(tiny_checkpoint, teacher, tmp_path_factory):
 def test_a_distillation_run_saves_a_distilled_file_and_resumes_bitwise(straight, tiny_checkpoint, teacher, tmp_path):
     weights, meta = simda.read_adapters(os.path.join(straight, "adapters.safetensors"))
     assert meta["distilled"] == dict(teacher=teacher, skip=20, guidance=[7.5, 7.5], ema_rate=0.95, huber_c=0.001,
-                                     sampler="lcm")
+                                     start=None, sampler="lcm")
     start = simda.read_adapters(teacher)[0]
     assert any(not weights[k].equal(start[k]) for k in weights)  # the student moved off the teacher
     assert os.path.exists(os.path.join(straight, "samples", "step000004.gif"))  # validated with lcm
@@ -214,3 +214,21 @@ def test_lcm_is_refused_for_adapters_not_distilled_with_editing_and_with_guidanc
     pipe = simda.load_pipeline(tiny_checkpoint, adapters=teacher)
     with pytest.raises(ValueError, match="these adapters were not distilled"):
         pipe("a red circle", 4, 16, 16, 4, sampler="lcm")
+
+
+def test_a_distillation_goes_on_from_distilled_adapters_with_its_teacher_kept(straight, tiny_checkpoint, teacher,
+                                                                            tmp_path, capsys):
+    start = os.path.join(straight, "adapters.safetensors")
+    base = ["--ckpt", tiny_checkpoint, "--distill", teacher, "--steps", "1", *COMMON]
+    run = train.build_run(train.build_parser().parse_args(base + ["--out", str(tmp_path / "more"), "--distill-from", start]))
+    started, teacher_weights = simda.read_adapters(start)[0], simda.read_adapters(teacher)[0]
+    student = adapter_state_dict(run.pipe.unet)
+    assert all(student[k].equal(started[k]) and run.distiller.target[k].equal(started[k]) for k in started)
+    assert all(run.distiller.teacher[k].equal(teacher_weights[k]) for k in started)
+    assert not all(started[k].equal(teacher_weights[k]) for k in started)
+    for more, message in ((["--distill-from", teacher], "adapters that were not distilled"),
+                          (["--distill-from", start, "--distill-skip", "50"], "distilled with --distill-skip 20, not 50")):
+        with pytest.raises(SystemExit) as e:
+            train.main(base + ["--out", str(tmp_path / "refused"), *more])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.splitlines()) == 1, err

@@ -148,7 +148,7 @@ def test_sample_travel_on_the_demo_writes_every_frame(tmp_path, monkeypatch, cap
     (tmp_path / "travel.txt").write_text("0: a red circle moving right\n6: a red circle moving down\n")
     sample.main(["--travel-file", "travel.txt", "--frames", "12", "--steps", "1", "--travel-blend", "2"])
     err = capsys.readouterr().err
-    assert "(windows, 8-frame windows overlapping by 4, FreeNoise)" in err and "0: a red circle moving right; 6:" in err
+    assert "(windows, 8-frame windows overlapping by 6, FreeNoise)" in err and "0: a red circle moving right; 6:" in err
     assert data.read_frames("out.gif").shape == (12, 32, 32, 3)
     with pytest.raises(SystemExit) as e:
         sample.main(["--travel", "0: a red circle moving right; 12: a red circle moving up", "--frames", "12"])
