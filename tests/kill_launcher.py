@@ -32,6 +32,11 @@ import torch  # noqa: E402
 import checkpoint  # noqa: E402
 import train  # noqa: E402
 
+# Ctrl-C as a user's terminal delivers it, whatever this process inherited from the test run that started it (a
+# SIGINT ignored or blocked there stays so across exec, and Python then installs no KeyboardInterrupt handler)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 moment, argv = sys.argv[1].split(":"), sys.argv[2:]
 kind, where = moment[0], moment[1:]
 done = [0]           # optimizer steps the run has done (a resumed run starts at its saved step)
