@@ -5,7 +5,7 @@ Three adapter sets share the one frozen SD (only adapter weights differ; torch.f
 with another set's tensors in place of the adapters, so no second UNet is held):
   teacher  the adapters of the file --distill names, frozen; run with classifier-free guidance at a scale w drawn
            per sample from --guidance-range (the uncond and cond halves in one batched call);
-  student  the adapters trained, starting as the teacher's (or as --distill-from's);
+  student  the adapters trained, starting as the teacher's (or as --init-from's);
   target   an exponential moving average of the student (--ema-rate; 0: the student itself, without gradient).
 One step, per sample: the clean latents x0 and the text of every run's data, then from the generator
 (seed, "noise", g) a timestep t of the grid lcm.grid(k) (k: --distill-skip), the noise and w;
@@ -55,9 +55,6 @@ def add_flags(parser):
                    "scale, drawn per sample from LO to HI (default: %(default)s)")
     g.add_argument("--huber-c", type=float, default=HUBER_C, help="--distill: the pseudo-Huber loss's constant "
                    "(default: %(default)s)")
-    g.add_argument("--distill-from", metavar="DISTILLED", help="--distill: start the student and its target from "
-                   "these adapters, distilled with the same --distill-skip: more steps after a run whose state.pt is "
-                   "gone (default: the teacher's adapters)")
 
 
 def check_flags(args):
@@ -67,8 +64,6 @@ def check_flags(args):
     args.val_steps = args.val_steps or (simda.LCM_STEPS if args.val_sampler == "lcm" else 25)
     if args.val_sampler == "lcm" and not args.distill:
         raise ValueError("--val-sampler lcm samples distilled adapters: add --distill TEACHER, or pick ddim or dpm++")
-    if args.distill_from and not args.distill:
-        raise ValueError("--distill-from goes on distilling: add --distill TEACHER, the adapters it was distilled from")
     if not args.distill:
         return None
     if args.stage == "sr" or args.given_frames:
@@ -90,11 +85,11 @@ def check_flags(args):
         raise ValueError(f"--guidance-range takes LO or LO,HI with 1 <= LO <= HI, got {args.guidance_range!r}")
     if not 0 <= args.ema_rate < 1 or not args.huber_c > 0:
         raise ValueError(f"--ema-rate must be in [0, 1) and --huber-c > 0, got {args.ema_rate} and {args.huber_c}")
-    made = args.distill_from and simda.read_adapters(args.distill_from)[1].get("distilled")
-    if args.distill_from and (not made or made["skip"] != args.distill_skip):
-        raise ValueError(f"--distill-from {args.distill_from} holds " + (f"adapters distilled with --distill-skip "
+    made = args.init_from and simda.read_adapters(args.init_from)[1].get("distilled")
+    if args.init_from and (not made or made["skip"] != args.distill_skip):  # the student and its target start there
+        raise ValueError(f"--init-from {args.init_from} holds " + (f"adapters distilled with --distill-skip "
                          f"{made['skip']}, not {args.distill_skip}" if made else "adapters that were not distilled"))
-    return Settings(args.distill, args.distill_skip, guidance, args.ema_rate, args.huber_c, args.distill_from)
+    return Settings(args.distill, args.distill_skip, guidance, args.ema_rate, args.huber_c, args.init_from)
 
 
 def pseudo_huber(a, b, c=HUBER_C):

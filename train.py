@@ -89,6 +89,10 @@ def build_parser():
     p.add_argument("--timestep-bias", type=float, default=0.0,
                    help="draw training timesteps with density ~ (t/1000)^BIAS: 0 is SD's uniform draw; > 0 favours "
                         "the noisiest steps, where motion is decided (default: %(default)s)")
+    p.add_argument("--init-from", metavar="ADAPTERS", help="start from these adapters instead of fresh ones, with a "
+                   "fresh optimizer: more steps after a run whose state.pt is gone, or fine-tuning; with --distill: "
+                   "adapters distilled before with the same --distill-skip (default: fresh adapters; with --distill "
+                   "the teacher's)")
     p.add_argument("--given-frames", type=int, default=0, metavar="K",
                    help="also train image-to-video and continuation: a sample's first 1 to K frames (uniform) stay "
                         "clean, at timestep 0, out of the loss (default: %(default)s, text-to-video only)")
@@ -143,6 +147,8 @@ def check_args(args):
     if shapes_world and args.cache_latents:
         raise ValueError("--cache-latents needs a fixed set of videos; --data shapes makes fresh ones every step")
     args.distill_settings = distill.check_flags(args)  # None without --distill; it settles --val-sampler/--val-steps
+    if args.init_from and not args.distill:
+        check_init(args)
     for name in ("stride", "steps", "batch_size", "save_every", "log_every", "val_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -157,6 +163,22 @@ def check_args(args):
         print(f"--resume: the run in {args.out} stopped before its first save; starting it over", file=sys.stderr)
     return argparse.Namespace(**{**vars(args), "frames": frames, "height": height, "width": width,
                                  "resume": args.resume and saved})
+
+
+def check_init(args):
+    """--init-from without --distill: adapters of this run's kind, with the modules the --no-* flags leave."""
+    meta = simda.read_adapters(args.init_from)[1]  # a missing or unreadable file: one line
+    if meta.get("distilled"):
+        raise ValueError(f"--init-from {args.init_from} holds distilled adapters: go on distilling them with "
+                         f"--distill {meta['distilled']['teacher']}")
+    if meta.get("stage", "t2v") != args.stage:
+        raise ValueError(f"--init-from {args.init_from} holds adapters of --stage {meta.get('stage', 't2v')}, "
+                         f"not {args.stage}")
+    wanted = dict(spatial_adapters=not args.no_spatial_adapters, temporal_adapters=not args.no_temporal_adapters,
+                  latent_shift=not args.no_latent_shift)
+    if differ := [f"{k} {meta['simda_config'].get(k)}" for k, v in wanted.items() if meta["simda_config"].get(k) != v]:
+        raise ValueError(f"--init-from {args.init_from} holds adapters with {', '.join(differ)}: "
+                         "match them with the --no-* flags")
 
 
 @dataclasses.dataclass
@@ -204,11 +226,13 @@ def build_run(args):
     simda_config = simda.SimDAConfig(spatial_adapters=not args.no_spatial_adapters,
                                      temporal_adapters=not args.no_temporal_adapters, latent_shift=not args.no_latent_shift)
     # the frozen text encoder and UNet held in the compute dtype, the adapters (and AdamW's state) float32
+    start = args.distill or args.init_from  # --distill: the teacher (distill.Distiller takes --init-from's)
     if sr:
-        pipe = simda.load_upscaler(ckpt, device, dtype, simda_config=simda_config, adapter_dtype=torch.float32)
+        pipe = simda.load_upscaler(ckpt, device, dtype, adapters=start, simda_config=simda_config,
+                                   adapter_dtype=torch.float32)
     else:
-        pipe = simda.load_pipeline(ckpt, device, dtype, adapters=args.distill, simda_config=simda_config,
-                                   prediction=args.prediction, adapter_dtype=torch.float32)  # --distill: the teacher
+        pipe = simda.load_pipeline(ckpt, device, dtype, adapters=start, simda_config=simda_config,
+                                   prediction=args.prediction, adapter_dtype=torch.float32)
     factor = pipe.vae.config.downsample_factor
     if sr:  # the low-res input, a quarter of the size, is halved three times in the upscaler's UNet
         check_shape(args.frames, args.height, args.width, factor * 8, f"{factor} (the upscaler's VAE) x 8 (its UNet)")
@@ -222,6 +246,7 @@ def build_run(args):
                   timestep_bias=args.timestep_bias, cache_latents=args.cache_latents, data=args.data or args.video,
                   simda_config=dataclasses.asdict(pipe.unet.simda_config), prediction=pipe.prediction, stage=args.stage,
                   given_frames=args.given_frames, given_probability=args.given_probability if args.given_frames else 0,
+                  init_from=args.init_from,
                   distill=args.distill_settings and distill.metadata(args.distill_settings))
     run = Run(args, rank, world, device, ckpt, config, pipe, model, params,
               torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay),
@@ -335,6 +360,8 @@ def save(run):
         meta.update(fps=shapes.FPS)
     if args.given_frames:  # what sample.py --image / --continue need
         meta.update(given_frames=args.given_frames, given_probability=args.given_probability)
+    if args.init_from:
+        meta.update(init_from=args.init_from)
     if run.distiller:  # what sample.py --sampler lcm needs
         meta.update(distilled=run.config["distill"])
     simda.save_adapters(run.pipe.unet, os.path.join(args.out, "adapters.safetensors"), **meta)

@@ -220,14 +220,14 @@ def test_a_distillation_goes_on_from_distilled_adapters_with_its_teacher_kept(st
                                                                             tmp_path, capsys):
     start = os.path.join(straight, "adapters.safetensors")
     base = ["--ckpt", tiny_checkpoint, "--distill", teacher, "--steps", "1", *COMMON]
-    run = train.build_run(train.build_parser().parse_args(base + ["--out", str(tmp_path / "more"), "--distill-from", start]))
+    run = train.build_run(train.build_parser().parse_args(base + ["--out", str(tmp_path / "more"), "--init-from", start]))
     started, teacher_weights = simda.read_adapters(start)[0], simda.read_adapters(teacher)[0]
     student = adapter_state_dict(run.pipe.unet)
     assert all(student[k].equal(started[k]) and run.distiller.target[k].equal(started[k]) for k in started)
     assert all(run.distiller.teacher[k].equal(teacher_weights[k]) for k in started)
     assert not all(started[k].equal(teacher_weights[k]) for k in started)
-    for more, message in ((["--distill-from", teacher], "adapters that were not distilled"),
-                          (["--distill-from", start, "--distill-skip", "50"], "distilled with --distill-skip 20, not 50")):
+    for more, message in ((["--init-from", teacher], "adapters that were not distilled"),
+                          (["--init-from", start, "--distill-skip", "50"], "distilled with --distill-skip 20, not 50")):
         with pytest.raises(SystemExit) as e:
             train.main(base + ["--out", str(tmp_path / "refused"), *more])
         err = capsys.readouterr().err

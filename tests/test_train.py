@@ -14,7 +14,7 @@ from PIL import Image
 
 import simda
 import train
-from adapters import SimDAConfig
+from adapters import SimDAConfig, adapter_state_dict
 from conftest import ROOT, rel_err
 from test_data import captioned, write_corrupt, write_folder_with_bad_videos
 from test_shards import sample, write_shard
@@ -99,6 +99,31 @@ def test_resume_continues_the_run_exactly(straight, ckpt, videos, tmp_path):
     resumed = simda.read_adapters(os.path.join(out, "adapters.safetensors"))[0]
     whole = simda.read_adapters(os.path.join(straight[0], "adapters.safetensors"))[0]
     assert all(resumed[k].equal(whole[k]) for k in whole)
+
+
+def test_init_from_starts_a_run_from_saved_adapters_with_a_fresh_optimizer(straight, ckpt, videos, tmp_path, capsys):
+    saved = os.path.join(straight[0], "adapters.safetensors")
+    argv = ["--data", videos, "--ckpt", ckpt, "--steps", 1, *COMMON, "--init-from", saved]
+    start = train.build_run(train.build_parser().parse_args([str(a) for a in argv + ["--out", tmp_path / "a"]]))
+    weights = simda.read_adapters(saved)[0]
+    ours = adapter_state_dict(start.pipe.unet)
+    assert ours.keys() == weights.keys() and all(ours[k].equal(weights[k]) for k in weights)
+    assert start.step == 0 and not start.optimizer.state_dict()["state"]
+    run(*argv, "--out", tmp_path / "b")
+    trained, meta = simda.read_adapters(str(tmp_path / "b" / "adapters.safetensors"))
+    assert meta["init_from"] == saved and meta["step"] == 1 and not all(trained[k].equal(weights[k]) for k in weights)
+    capsys.readouterr()
+    distilled = str(tmp_path / "distilled.safetensors")
+    simda.save_adapters(start.pipe.unet, distilled, frames=4, distilled={"teacher": "T.safetensors", "skip": 20})
+    for more, message in ((["--init-from", distilled], "holds distilled adapters: go on distilling them with "
+                                                        "--distill T.safetensors"),
+                          (["--init-from", saved, "--no-latent-shift"], "holds adapters with latent_shift True"),
+                          (["--init-from", saved, "--stage", "sr"], "holds adapters of --stage t2v, not sr"),
+                          (["--init-from", str(tmp_path / "none.safetensors")], "adapter file not found")):
+        with pytest.raises(SystemExit) as e:
+            train.main([str(a) for a in argv[:-2] + ["--out", tmp_path / "c", *more]])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.splitlines()) == 1, err
 
 
 def test_a_folder_of_video2dataset_shards_trains_and_counts_its_bad_samples(ckpt, videos, tmp_path, capsys):
