@@ -89,10 +89,9 @@ def build_parser():
     p.add_argument("--timestep-bias", type=float, default=0.0,
                    help="draw training timesteps with density ~ (t/1000)^BIAS: 0 is SD's uniform draw; > 0 favours "
                         "the noisiest steps, where motion is decided (default: %(default)s)")
-    p.add_argument("--init-from", metavar="ADAPTERS", help="start from these adapters instead of fresh ones, with a "
-                   "fresh optimizer: more steps after a run whose state.pt is gone, or fine-tuning; with --distill: "
-                   "adapters distilled before with the same --distill-skip (default: fresh adapters; with --distill "
-                   "the teacher's)")
+    p.add_argument("--init-from", metavar="ADAPTERS", help="start from these adapters, with a fresh optimizer (more "
+                   "steps after state.pt is gone, or fine-tuning); with --distill: adapters distilled with the same "
+                   "--distill-skip (default: fresh adapters; with --distill the teacher's)")
     p.add_argument("--given-frames", type=int, default=0, metavar="K",
                    help="also train image-to-video and continuation: a sample's first 1 to K frames (uniform) stay "
                         "clean, at timestep 0, out of the loss (default: %(default)s, text-to-video only)")
@@ -166,19 +165,17 @@ def check_args(args):
 
 
 def check_init(args):
-    """--init-from without --distill: adapters of this run's kind, with the modules the --no-* flags leave."""
+    """--init-from without --distill: adapters of this run's --stage, with the modules the --no-* flags leave."""
     meta = simda.read_adapters(args.init_from)[1]  # a missing or unreadable file: one line
-    if meta.get("distilled"):
-        raise ValueError(f"--init-from {args.init_from} holds distilled adapters: go on distilling them with "
-                         f"--distill {meta['distilled']['teacher']}")
-    if meta.get("stage", "t2v") != args.stage:
-        raise ValueError(f"--init-from {args.init_from} holds adapters of --stage {meta.get('stage', 't2v')}, "
-                         f"not {args.stage}")
-    wanted = dict(spatial_adapters=not args.no_spatial_adapters, temporal_adapters=not args.no_temporal_adapters,
-                  latent_shift=not args.no_latent_shift)
-    if differ := [f"{k} {meta['simda_config'].get(k)}" for k, v in wanted.items() if meta["simda_config"].get(k) != v]:
-        raise ValueError(f"--init-from {args.init_from} holds adapters with {', '.join(differ)}: "
-                         "match them with the --no-* flags")
+    flags = dict(spatial_adapters=not args.no_spatial_adapters, temporal_adapters=not args.no_temporal_adapters,
+                 latent_shift=not args.no_latent_shift)
+    differ = [f"{k} {meta['simda_config'].get(k)}" for k, v in flags.items() if meta["simda_config"].get(k) != v]
+    stage = meta.get("stage", "t2v")
+    why = (meta.get("distilled") and f"distilled adapters: go on distilling them with --distill {meta['distilled']['teacher']}"
+           or stage != args.stage and f"adapters of --stage {stage}, not {args.stage}"
+           or differ and f"adapters with {', '.join(differ)}: match them with the --no-* flags")
+    if why:
+        raise ValueError(f"--init-from {args.init_from} holds {why}")
 
 
 @dataclasses.dataclass
