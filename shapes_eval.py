@@ -35,7 +35,7 @@ from video import resample, resolve_shape, save_video, to_frames
 
 ROWS = [
     ("frozen image model, frame by frame", None),
-    ("SimDA, shipped (1500 steps)", simda.DEMO_ADAPTERS),
+    ("SimDA, shipped", simda.DEMO_ADAPTERS),
     ("SimDA (750 steps, like each row below)", os.path.join(simda.MODELS_DIR, "ablation", "simda-750-steps.safetensors")),
     ("without latent-shift attention", os.path.join(simda.MODELS_DIR, "ablation", "no-latent-shift.safetensors")),
     ("without temporal adapters", os.path.join(simda.MODELS_DIR, "ablation", "no-temporal-adapters.safetensors")),
@@ -59,7 +59,8 @@ SR_COLUMNS = [("psnr", "PSNR (dB)", 2), ("ssim", "SSIM", 4), ("flicker", "flicke
 SR_SEED = 1000  # the evaluation's clips: shapes.sample's seeds SR_SEED, SR_SEED + 1, ...; training used seed 0
 I2V_SEED = 2000  # evaluate.py i2v's drawn videos, seeds I2V_SEED, I2V_SEED + 1, ...: unseen too
 I2V_ROWS = [
-    ("SimDA, shipped (given frames)", simda.DEMO_ADAPTERS),
+    ("SimDA, shipped (given frames, 3500 steps)", simda.DEMO_ADAPTERS),
+    ("given frames, the first 1500 steps", os.path.join(simda.MODELS_DIR, "ablation", "simda-given-1500-steps.safetensors")),
     ("text-to-video adapters, replacement only",
      os.path.join(simda.MODELS_DIR, "ablation", "simda-no-given-frames.safetensors")),
 ]
