@@ -89,9 +89,8 @@ def build_parser():
     p.add_argument("--timestep-bias", type=float, default=0.0,
                    help="draw training timesteps with density ~ (t/1000)^BIAS: 0 is SD's uniform draw; > 0 favours "
                         "the noisiest steps, where motion is decided (default: %(default)s)")
-    p.add_argument("--init-from", metavar="ADAPTERS", help="start from these adapters, with a fresh optimizer (more "
-                   "steps after state.pt is gone, or fine-tuning); with --distill: adapters distilled with the same "
-                   "--distill-skip (default: fresh adapters; with --distill the teacher's)")
+    p.add_argument("--init-from", metavar="ADAPTERS", help="start from these adapters, a fresh optimizer (--distill: "
+                   "distilled ones, same --distill-skip) (default: fresh; --distill: the teacher's)")
     p.add_argument("--given-frames", type=int, default=0, metavar="K",
                    help="also train image-to-video and continuation: a sample's first 1 to K frames (uniform) stay "
                         "clean, at timestep 0, out of the loss (default: %(default)s, text-to-video only)")
