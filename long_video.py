@@ -240,9 +240,9 @@ def add_flags(p):
     g.add_argument("--window", type=int, help="past this many frames, sample in temporal windows (default: the frames "
                    f"the adapters were trained on, else {DEFAULT_FRAMES})")
     g.add_argument("--overlap", type=int, help="frames two neighbouring windows share (default: three quarters of the window)")
-    g.add_argument("--long-method", choices=METHODS, default="windows", help="windows: overlapping windows blended at "
-                   "every step; continue: each window after the last given frames of the one before (adapters trained "
-                   "with given frames) (default: %(default)s)")
+    g.add_argument("--long-method", choices=METHODS, help="windows: overlapping windows blended at every step; "
+                   "continue: each window after the last given frames of the one before (default: continue for "
+                   "adapters trained with given frames, as the demo's, else windows; docs/demo.md measures both)")
     g.add_argument("--freenoise", action=argparse.BooleanOptionalAction, default=True, help="windows: start from "
                    "FreeNoise's shuffled repeats of the first window's noise (default: on; docs/demo.md measures both)")
 
@@ -266,7 +266,10 @@ def plan(args, meta, frames, adapters):
     overlap = default_overlap(window) if args.overlap is None else args.overlap
     if window < 1 or not 0 <= overlap < window:
         raise ValueError(f"--window must be at least 1 and --overlap in 0..{window - 1}, got {window} and {overlap}")
-    long = Long(window, overlap, args.long_method, freenoise=args.freenoise, given=int(meta.get("given_frames", 0)))
+    given = int(meta.get("given_frames", 0))
+    # continuation turned more often than windows on the demo, in a third of the time (docs/demo.md)
+    method = args.long_method or ("continue" if 0 < given < window else "windows")
+    long = Long(window, overlap, method, freenoise=args.freenoise, given=given)
     if long.method == "continue" and not 0 < long.given < window:
         raise ValueError(f"--long-method continue needs adapters trained with given frames (train.py --given-frames), "
                          f"fewer than the --window {window}: {adapters or 'no --adapters'} has {long.given}")

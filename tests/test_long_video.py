@@ -148,13 +148,18 @@ def test_sample_travel_on_the_demo_writes_every_frame(tmp_path, monkeypatch, cap
     (tmp_path / "travel.txt").write_text("0: a red circle moving right\n6: a red circle moving down\n")
     sample.main(["--travel-file", "travel.txt", "--frames", "12", "--steps", "1", "--travel-blend", "2"])
     err = capsys.readouterr().err
-    assert "(windows, 8-frame windows overlapping by 6, FreeNoise)" in err and "0: a red circle moving right; 6:" in err
+    # the demo's adapters were trained with given frames: continuation is their default
+    assert "(continue, 8-frame windows after 2 given frames)" in err and "0: a red circle moving right; 6:" in err
     assert data.read_frames("out.gif").shape == (12, 32, 32, 3)
+    sample.main(["--travel-file", "travel.txt", "--frames", "12", "--steps", "1", "--long-method", "windows"])
+    assert "(windows, 8-frame windows overlapping by 6, FreeNoise)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         sample.main(["--travel", "0: a red circle moving right; 12: a red circle moving up", "--frames", "12"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "frame 12 is past the video's last frame" in err and "Traceback" not in err
+    no_given = os.path.join(simda.MODELS_DIR, "ablation", "simda-750-steps.safetensors")
+    sample.main([PROMPT, "--frames", "12", "--steps", "1", "--adapters", no_given])  # windows: their default
+    assert "(windows, 8-frame windows overlapping by 6, FreeNoise)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        sample.main([PROMPT, "--frames", "12", "--long-method", "continue", "--adapters",
-                     os.path.join(simda.MODELS_DIR, "ablation", "simda-750-steps.safetensors")])
+        sample.main([PROMPT, "--frames", "12", "--long-method", "continue", "--adapters", no_given])
     assert "--long-method continue needs adapters trained with given frames" in capsys.readouterr().err
