@@ -110,6 +110,27 @@ def make_inputs(pipe, batch, gs, seed, device, timestep_bias=0.0, given=None):
     return x, to_device(t, device), target, context, levels
 
 
+def add_flags(p):
+    """train.py's flags of its input, checked by check_flags."""
+    g = p.add_argument_group("the clips, their captions and timesteps, given frames (loader.py)")
+    g.add_argument("--stride", type=int, default=4, help="take every stride-th frame of the video (default: %(default)s)")
+    g.add_argument("--hflip", action="store_true", help="flip half of the clips horizontally")
+    g.add_argument("--caption-dropout", type=float, default=0.1,
+                   help="fraction of captions replaced by the empty prompt, for guidance (default: %(default)s)")
+    g.add_argument("--timestep-bias", type=float, default=0.0,
+                   help="draw training timesteps with density ~ (t/1000)^BIAS: 0 is SD's uniform draw; > 0 favours "
+                        "the noisiest steps, where motion is decided (default: %(default)s)")
+    g.add_argument("--given-frames", type=int, default=0, metavar="K",
+                   help="also train image-to-video and continuation: a sample's first 1 to K frames (uniform) stay "
+                        "clean, at timestep 0, out of the loss (default: %(default)s, text-to-video only)")
+    g.add_argument("--given-probability", type=float, default=0.5, metavar="P",
+                   help="with --given-frames: the share of samples given frames (default: %(default)s)")
+    g.add_argument("--cache-latents", action="store_true",
+                   help="encode every video once up front (one fixed clip per video, to --out/latent-cache) instead of at every step")
+    g.add_argument("--num-workers", type=int, help="processes reading clips ahead of the loop, per process; 0: the loop "
+                                                  "reads them (default: on a GPU its CPU cores less one, up to 16; CPU: 0)")
+
+
 def check_flags(args, frames):
     """train.py's flags of its input (the clips, their captions, given frames and timesteps, the workers that read
     them), checked before any model loads; `frames`: the clips' frame count, resolved."""

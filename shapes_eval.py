@@ -1,22 +1,21 @@
 """The demo's tables on the shapes world (`python evaluate.py shapes`, `python evaluate.py sr`): the
 paper's ablation (its Table 6) in miniature, and the second stage against its truth.
 
-`evaluate.py shapes` (the default of `evaluate.py`): every row samples the same videos (each caption
-of the shapes world, times --seeds) and shapes.score rates them with the colour-segmentation tracker;
-the result is a markdown table (and a JSON file with every score). Rows (default): the frozen image
-model run frame by frame (no adapters, no latent-shift attention), the shipped SimDA adapters (1500
-steps), and the ablation: SimDA, without latent-shift attention, without temporal adapters and
-without spatial adapters, each trained with the same budget (750 steps; docs/demo.md).
+`evaluate.py shapes` (the default of `evaluate.py`): every row samples the same videos (each caption of the shapes
+world, times --seeds) and shapes.score rates them with the colour-segmentation tracker; the result is a markdown
+table (and a JSON file with every score). Rows (default): the frozen image model run frame by frame (no adapters,
+no latent-shift attention), the shipped SimDA adapters, and the ablation: SimDA, without latent-shift attention,
+without temporal adapters and without spatial adapters, each trained the same 750 steps (docs/demo.md).
 
-`evaluate.py sr` scores the demo's second stage (32x32 -> 128x128): each row upscales the same clips,
-downscaled x4 from their true 128x128 render (so the input is exact), and metrics.py compares them
-with the truth (PSNR, SSIM, flicker) while the tracker reads them; then, end to end, stage one's
-videos from the captions are upscaled and tracked. Cells are means and one standard error.
+`evaluate.py sr` scores the demo's second stage (32x32 -> 128x128): each row upscales the same clips, downscaled
+x4 from their true 128x128 render (so the input is exact), and metrics.py compares them with the truth (PSNR,
+SSIM, flicker) while the tracker reads them; then, end to end, stage one's videos from the captions are upscaled
+and tracked. Cells are means and one standard error.
 
-`evaluate.py i2v` scores image-to-video and continuation (Pipeline.extend) on drawn videos of seeds the
-training never used: each row animates their first frames (does frame 0 stay, does the object keep its
-colour and shape, move the prompted way, not jump from frame 0 to 1?), then continues their first
---frames frames from the last K (does the object keep its course across the seam?).
+`evaluate.py i2v` scores image-to-video and continuation (Pipeline.extend) on drawn videos of seeds the training
+never used: each row animates their first frames (does frame 0 stay, does the object keep its colour and shape,
+move the prompted way, not jump from frame 0 to 1?), then continues their first --frames frames from the last K
+(does the object keep its course across the seam?).
 """
 import argparse
 import json

@@ -8,23 +8,22 @@ one-shot tuning on a single clip for video editing (the paper's Sec. 3.4).
     python train.py --stage sr --data shapes --out out/shapes/sr               # the demo's, on its upscaler
     torchrun --nproc_per_node 4 train.py --data webvid_subset --batch-size 8 --out out/webvid
 
-Each step: encode the captions with the frozen CLIP text encoder and the clips with the frozen VAE
-(a posterior sample, times the latent scale), noise the latents at random timesteps (ddim.add_noise) and
-regress what the frozen UNet predicts (ddim.target: the noise, or v for SD 2.x 768-v models; MSE);
-AdamW updates the adapters only (`--distill TEACHER`: distill.py's consistency distillation instead, for
-sample.py --sampler lcm). With `--given-frames K`, a share of the samples (`--given-probability`) keeps
-its first 1 to K frames clean at timestep 0 and leaves them out of the loss: the same adapters then animate
-an image and continue a clip (sample.py --image, --continue). `--stage sr` trains the second stage
-instead: SimDA's adapters on SD's frozen x4 upscaler, from pairs made of each clip (at --size) and the
-clip downscaled x4 with antialiasing, noised to a random level 0..349 as in the upscaler's own training; the target is v.
+Each step: encode the captions with the frozen CLIP text encoder and the clips with the frozen VAE (a posterior
+sample, times the latent scale), noise the latents at random timesteps (ddim.add_noise) and regress what the frozen
+UNet predicts (ddim.target: the noise, or v for SD 2.x 768-v models; MSE); AdamW updates the adapters only
+(`--distill TEACHER`: distill.py's consistency distillation instead, for sample.py --sampler lcm). With
+`--given-frames K`, a share of the samples (`--given-probability`) keeps its first 1 to K frames clean at timestep 0
+and leaves them out of the loss: the same adapters then animate an image and continue a clip (sample.py --image,
+--continue). `--stage sr` trains the second stage instead: SimDA's adapters on SD's frozen x4 upscaler, from pairs
+made of each clip (at --size) and the clip downscaled x4 with antialiasing, noised to a random level 0..349 as in
+the upscaler's own training; the target is v.
 
-Every random draw of a sample (video, start frame, flip, caption dropout, posterior noise, timestep,
-noise) is seeded by (--seed, global sample index), so --resume continues a run exactly and a
-torchrun job with N ranks, each taking every N-th sample of the global batch, computes what a single
-process with the same --batch-size computes. --out holds adapters.safetensors (the adapters and
-their metadata), state.pt (adapters, optimizer and step: what --resume reads), log.jsonl (the loss
-of every step) and samples/ (validation GIFs). Every file is written atomically and the log is cut
-back to the saved step on --resume, so a run killed at any instant resumes to the same result.
+Every random draw of a sample (video, start frame, flip, caption dropout, posterior noise, timestep, noise) is
+seeded by (--seed, global sample index), so --resume continues a run exactly and a torchrun job with N ranks, each
+taking every N-th sample of the global batch, computes what a single process with the same --batch-size computes.
+--out holds adapters.safetensors (the adapters and their metadata), state.pt (adapters, optimizer and step: what
+--resume reads), log.jsonl (the loss of every step) and samples/ (validation GIFs). Every file is written atomically
+and the log is cut back to the saved step on --resume, so a run killed at any instant resumes to the same result.
 """
 import argparse
 import contextlib
@@ -73,37 +72,21 @@ def build_parser():
     p.add_argument("--out", default="out/train", help="output folder (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out (state.pt) up to --steps")
     p.add_argument("--frames", type=int, help=f"frames per clip (default: {DEFAULT_FRAMES}; with --data shapes {shapes.FRAMES})")
-    p.add_argument("--stride", type=int, default=4, help="take every stride-th frame of the video (default: %(default)s)")
     p.add_argument("--size", type=int, help=f"square frame size in pixels, a multiple of 8 (default: {DEFAULT_SIZE}; "
                                             f"with --data shapes {shapes.SIZE}, with --stage sr too "
                                             f"{shapes.SIZE * simda.UPSCALE}: scenes of {shapes.SIZE} drawn at 4x)")
     p.add_argument("--width", type=int, help=f"frame width, with --height instead of --size (default: {DEFAULT_SIZE})")
     p.add_argument("--height", type=int, help=f"frame height, with --width instead of --size (default: {DEFAULT_SIZE})")
-    p.add_argument("--hflip", action="store_true", help="flip half of the clips horizontally")
-    p.add_argument("--caption-dropout", type=float, default=0.1,
-                   help="fraction of captions replaced by the empty prompt, for guidance (default: %(default)s)")
     p.add_argument("--steps", type=int, default=10000, help="total optimizer steps, counting resumed ones (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1,
                    help="global batch, split evenly over torchrun's processes (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")
-    p.add_argument("--timestep-bias", type=float, default=0.0,
-                   help="draw training timesteps with density ~ (t/1000)^BIAS: 0 is SD's uniform draw; > 0 favours "
-                        "the noisiest steps, where motion is decided (default: %(default)s)")
     p.add_argument("--init-from", metavar="ADAPTERS", help="start from these adapters, a fresh optimizer (--distill: "
                    "distilled ones, same --distill-skip) (default: fresh; --distill: the teacher's)")
-    p.add_argument("--given-frames", type=int, default=0, metavar="K",
-                   help="also train image-to-video and continuation: a sample's first 1 to K frames (uniform) stay "
-                        "clean, at timestep 0, out of the loss (default: %(default)s, text-to-video only)")
-    p.add_argument("--given-probability", type=float, default=0.5, metavar="P",
-                   help="with --given-frames: the share of samples given frames (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this; 0: off (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and of every noise draw (default: %(default)s)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet blocks in backward: less memory, slower")
-    p.add_argument("--cache-latents", action="store_true",
-                   help="encode every video once up front (one fixed clip per video, to --out/latent-cache) instead of at every step")
-    p.add_argument("--num-workers", type=int, help="processes reading clips ahead of the loop, per process; 0: the loop "
-                                                  "reads them (default: on a GPU its CPU cores less one, up to 16; CPU: 0)")
     p.add_argument("--device", default="auto", help="auto: CUDA, else MPS, else CPU; or a torch device (default: %(default)s)")
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="the frozen SD's dtype and autocast's (adapters stay float32); auto: bfloat16 on CUDA if supported, "
@@ -121,6 +104,7 @@ def build_parser():
     p.add_argument("--no-temporal-adapters", action="store_true", help="ablation: no TemporalAdapters")
     p.add_argument("--no-spatial-adapters", action="store_true", help="ablation: no SpatialAdapters")
     p.add_argument("--log-every", type=int, default=10, help="print a progress line every N steps (default: %(default)s)")
+    loader.add_flags(p)
     distill.add_flags(p)
     return p
 
@@ -145,8 +129,10 @@ def check_args(args):
     if shapes_world and args.cache_latents:
         raise ValueError("--cache-latents needs a fixed set of videos; --data shapes makes fresh ones every step")
     args.distill_settings = distill.check_flags(args)  # None without --distill; it settles --val-sampler/--val-steps
+    ablation = simda.SimDAConfig(spatial_adapters=not args.no_spatial_adapters,
+                                 temporal_adapters=not args.no_temporal_adapters, latent_shift=not args.no_latent_shift)
     if args.init_from and not args.distill:
-        check_init(args)
+        check_init(args, ablation)
     for name in ("stride", "steps", "batch_size", "save_every", "log_every", "val_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -160,15 +146,14 @@ def check_args(args):
             raise ValueError(f"--resume: no saved run in {args.out} (no state.pt)")
         print(f"--resume: the run in {args.out} stopped before its first save; starting it over", file=sys.stderr)
     return argparse.Namespace(**{**vars(args), "frames": frames, "height": height, "width": width,
-                                 "resume": args.resume and saved})
+                                 "resume": args.resume and saved, "simda_config": ablation})
 
 
-def check_init(args):
+def check_init(args, ablation):
     """--init-from without --distill: adapters of this run's --stage, with the modules the --no-* flags leave."""
     meta = simda.read_adapters(args.init_from)[1]  # a missing or unreadable file: one line
-    flags = dict(spatial_adapters=not args.no_spatial_adapters, temporal_adapters=not args.no_temporal_adapters,
-                 latent_shift=not args.no_latent_shift)
-    differ = [f"{k} {meta['simda_config'].get(k)}" for k, v in flags.items() if meta["simda_config"].get(k) != v]
+    differ = [f"{k} {meta['simda_config'].get(k)}" for k in ("spatial_adapters", "temporal_adapters", "latent_shift")
+              if meta["simda_config"].get(k) != getattr(ablation, k)]
     stage = meta.get("stage", "t2v")
     why = (meta.get("distilled") and f"distilled adapters: go on distilling them with --distill {meta['distilled']['teacher']}"
            or stage != args.stage and f"adapters of --stage {stage}, not {args.stage}"
@@ -219,15 +204,13 @@ def build_run(args):
     dataset = loader.make_dataset(args, rank)  # and checked readable: before any model is loaded
 
     torch.manual_seed(args.seed)  # the adapters' initialisation
-    simda_config = simda.SimDAConfig(spatial_adapters=not args.no_spatial_adapters,
-                                     temporal_adapters=not args.no_temporal_adapters, latent_shift=not args.no_latent_shift)
     # the frozen text encoder and UNet held in the compute dtype, the adapters (and AdamW's state) float32
     start = args.distill or args.init_from  # --distill: the teacher (distill.Distiller takes --init-from's)
     if sr:
-        pipe = simda.load_upscaler(ckpt, device, dtype, adapters=start, simda_config=simda_config,
+        pipe = simda.load_upscaler(ckpt, device, dtype, adapters=start, simda_config=args.simda_config,
                                    adapter_dtype=torch.float32)
     else:
-        pipe = simda.load_pipeline(ckpt, device, dtype, adapters=start, simda_config=simda_config,
+        pipe = simda.load_pipeline(ckpt, device, dtype, adapters=start, simda_config=args.simda_config,
                                    prediction=args.prediction, adapter_dtype=torch.float32)
     factor = pipe.vae.config.downsample_factor
     if sr:  # the low-res input, a quarter of the size, is halved three times in the upscaler's UNet
