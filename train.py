@@ -129,10 +129,10 @@ def check_args(args):
     if shapes_world and args.cache_latents:
         raise ValueError("--cache-latents needs a fixed set of videos; --data shapes makes fresh ones every step")
     args.distill_settings = distill.check_flags(args)  # None without --distill; it settles --val-sampler/--val-steps
-    ablation = simda.SimDAConfig(spatial_adapters=not args.no_spatial_adapters,
-                                 temporal_adapters=not args.no_temporal_adapters, latent_shift=not args.no_latent_shift)
+    simda_config = simda.SimDAConfig(spatial_adapters=not args.no_spatial_adapters,
+                                     temporal_adapters=not args.no_temporal_adapters, latent_shift=not args.no_latent_shift)
     if args.init_from and not args.distill:
-        check_init(args, ablation)
+        check_init(args, simda_config)
     for name in ("stride", "steps", "batch_size", "save_every", "log_every", "val_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -146,14 +146,14 @@ def check_args(args):
             raise ValueError(f"--resume: no saved run in {args.out} (no state.pt)")
         print(f"--resume: the run in {args.out} stopped before its first save; starting it over", file=sys.stderr)
     return argparse.Namespace(**{**vars(args), "frames": frames, "height": height, "width": width,
-                                 "resume": args.resume and saved, "simda_config": ablation})
+                                 "resume": args.resume and saved, "simda_config": simda_config})
 
 
-def check_init(args, ablation):
+def check_init(args, simda_config):
     """--init-from without --distill: adapters of this run's --stage, with the modules the --no-* flags leave."""
     meta = simda.read_adapters(args.init_from)[1]  # a missing or unreadable file: one line
     differ = [f"{k} {meta['simda_config'].get(k)}" for k in ("spatial_adapters", "temporal_adapters", "latent_shift")
-              if meta["simda_config"].get(k) != getattr(ablation, k)]
+              if meta["simda_config"].get(k) != getattr(simda_config, k)]
     stage = meta.get("stage", "t2v")
     why = (meta.get("distilled") and f"distilled adapters: go on distilling them with --distill {meta['distilled']['teacher']}"
            or stage != args.stage and f"adapters of --stage {stage}, not {args.stage}"
