@@ -7,6 +7,9 @@ modules, so the SD checkpoint keys load unchanged:
   up-projection, residual (`temporal_adapter`), one before every SpatialTransformer;
 - latent_shift: the self-attention of each frame also attends to a patch-wise temporal shift of
   earlier frames' tokens (latent-shift attention, LSA); it adds no parameters.
+- LoRA (not SimDA's; only with `lora_rank` > 0): a low-rank update beside every attention projection and
+  ResBlock convolution of the frozen SD (`lora`), the extra capacity few-step distillation may take
+  (train.py --distill --lora-rank; LCM-LoRA's layers).
 The up-projections start at zero, so a fresh SimDA UNet computes what the SD UNet computes.
 """
 from dataclasses import dataclass
@@ -15,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ADAPTER_NAMES = ("attn_adapter", "ffn_adapter", "temporal_adapter")
+ADAPTER_NAMES = ("attn_adapter", "ffn_adapter", "temporal_adapter", "lora")
 # Latent shift: the token at spatial position (i, j) of frame f is taken from frame
 # f - SHIFT_TABLE[i % 4][j % 4] (the authors' code, rows i = 0..3). A frame earlier than its shift
 # keeps its own token.
@@ -29,6 +32,7 @@ class SimDAConfig:
     latent_shift: bool = True       # latent-shift attention in place of per-frame self-attention
     spatial_ratio: float = 0.25     # SpatialAdapter width d -> d/4
     temporal_ratio: float = 0.5     # TemporalAdapter width d -> d/2
+    lora_rank: int = 0              # > 0: a LoRA of this rank beside the frozen SD's layers (distillation); 0: none
 
 
 def latent_shift(tokens, frames, height, width):
@@ -113,6 +117,46 @@ class TemporalAdapter(nn.Module):
         return x + self.up(self.conv(self.down(x)))
 
 
+class LoRA(nn.Module):
+    """A low-rank update of a frozen layer (Hu et al. 2021), added to its output: for a Linear, linears
+    d_in -> rank -> d_out; for a Conv2d, the layer's own kernel d_in -> rank, then a 1x1 conv rank -> d_out (the
+    usual conv form). No biases; the up-projection starts at zero, so the layer starts unchanged."""
+
+    def __init__(self, layer, rank):
+        super().__init__()
+        if isinstance(layer, nn.Linear):
+            self.down = nn.Linear(layer.in_features, rank, bias=False)
+            self.up = nn.Linear(rank, layer.out_features, bias=False)
+        else:
+            self.down = nn.Conv2d(layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding, bias=False)
+            self.up = nn.Conv2d(rank, layer.out_channels, 1, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        self.down.reset_parameters()
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+
+def loras(rank, **layers):
+    """The `lora` of a module: a LoRA of `rank` beside each named layer (a ModuleDict), or None for rank 0."""
+    return nn.ModuleDict({name: LoRA(layer, rank) for name, layer in layers.items()}) if rank else None
+
+
+def with_lora(layer, lora, name, x):
+    """The frozen layer's output on x, plus that of its LoRA lora[name] (lora None: none). `layer` may be a
+    Sequential ending in the layer (a ResBlock's GroupNorm, SiLU, conv): the LoRA sees what the last one sees."""
+    if lora is None:
+        return layer(x)
+    if isinstance(layer, nn.Sequential):
+        *before, layer = layer
+        for first in before:
+            x = first(x)
+    return layer(x) + lora[name](x)
+
+
 def is_adapter_key(key):
     return any(f"{name}." in key for name in ADAPTER_NAMES)
 
@@ -123,7 +167,7 @@ def adapter_state_dict(unet):
 
 
 def adapter_modules(model):
-    return [m for m in model.modules() if isinstance(m, (SpatialAdapter, TemporalAdapter))]
+    return [m for m in model.modules() if isinstance(m, (SpatialAdapter, TemporalAdapter, LoRA))]
 
 
 def cast_adapters(model, dtype):

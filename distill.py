@@ -40,6 +40,7 @@ class Settings:
     ema_rate: float = 0.95
     huber_c: float = HUBER_C
     start: str = None  # distilled adapters the student starts from (None: the teacher's)
+    lora_rank: int = 0  # > 0: the student also trains a LoRA of this rank beside the frozen SD (adapters.LoRA)
 
 
 def add_flags(parser):
@@ -53,6 +54,9 @@ def add_flags(parser):
                    "average of the student; 0: the student itself, without gradient (default: %(default)s)")
     g.add_argument("--guidance-range", default="7.5", metavar="LO[,HI]", help="--distill: the teacher's guidance "
                    "scale, drawn per sample from LO to HI (default: %(default)s)")
+    g.add_argument("--lora-rank", type=int, default=0, metavar="R", help="--distill: the student also trains a LoRA "
+                   "of rank R beside every attention projection and ResBlock convolution of the frozen SD, more "
+                   "capacity than the adapters alone (default: 0, none)")
     g.add_argument("--huber-c", type=float, default=HUBER_C, help="--distill: the pseudo-Huber loss's constant "
                    "(default: %(default)s)")
 
@@ -64,6 +68,8 @@ def check_flags(args):
     args.val_steps = args.val_steps or (simda.LCM_STEPS if args.val_sampler == "lcm" else 25)
     if args.val_sampler == "lcm" and not args.distill:
         raise ValueError("--val-sampler lcm samples distilled adapters: add --distill TEACHER, or pick ddim or dpm++")
+    if args.lora_rank and not args.distill:
+        raise ValueError("--lora-rank adds a LoRA to a distillation's student: add --distill TEACHER, or drop it")
     if not args.distill:
         return None
     if args.stage == "sr" or args.given_frames:
@@ -83,13 +89,16 @@ def check_flags(args):
         guidance *= 2
     if len(guidance) != 2 or not 1 <= guidance[0] <= guidance[1]:
         raise ValueError(f"--guidance-range takes LO or LO,HI with 1 <= LO <= HI, got {args.guidance_range!r}")
-    if not 0 <= args.ema_rate < 1 or not args.huber_c > 0:
-        raise ValueError(f"--ema-rate must be in [0, 1) and --huber-c > 0, got {args.ema_rate} and {args.huber_c}")
+    if not 0 <= args.ema_rate < 1 or not args.huber_c > 0 or args.lora_rank < 0:
+        raise ValueError(f"--ema-rate must be in [0, 1), --huber-c > 0 and --lora-rank >= 0, got {args.ema_rate}, "
+                         f"{args.huber_c} and {args.lora_rank}")
     made = args.init_from and simda.read_adapters(args.init_from)[1].get("distilled")
-    if args.init_from and (not made or made["skip"] != args.distill_skip):  # the student and its target start there
-        raise ValueError(f"--init-from {args.init_from} holds " + (f"adapters distilled with --distill-skip "
-                         f"{made['skip']}, not {args.distill_skip}" if made else "adapters that were not distilled"))
-    return Settings(args.distill, args.distill_skip, guidance, args.ema_rate, args.huber_c, args.init_from)
+    if args.init_from and (not made or (made["skip"], made.get("lora_rank", 0)) != (args.distill_skip, args.lora_rank)):
+        raise ValueError(f"--init-from {args.init_from} holds " + (  # the student and its target start there
+            f"adapters distilled with --distill-skip {made['skip']} --lora-rank {made.get('lora_rank', 0)}, not "
+            f"--distill-skip {args.distill_skip} --lora-rank {args.lora_rank}" if made else "adapters that were not distilled"))
+    return Settings(args.distill, args.distill_skip, guidance, args.ema_rate, args.huber_c, args.init_from,
+                    args.lora_rank)
 
 
 def pseudo_huber(a, b, c=HUBER_C):

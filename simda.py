@@ -19,7 +19,7 @@ weights.
 """
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from safetensors import safe_open
@@ -359,7 +359,7 @@ def default_checkpoint(upscaler=False):
 
 
 def load_pipeline(path, device="cpu", dtype=torch.float32, adapters=None, simda_config=None, prediction=None,
-                  adapter_dtype=None):
+                  adapter_dtype=None, lora_rank=0):
     """Load an SD 1.x or 2.x checkpoint (single file or diffusers folder; the family is told by the
     weights) as a Pipeline of frozen eval-mode modules. `adapters`: a SimDA adapter file, whose config
     and weights the UNet takes; or `simda_config`: fresh adapters (for training); neither: the plain
@@ -367,8 +367,9 @@ def load_pipeline(path, device="cpu", dtype=torch.float32, adapters=None, simda_
     else the adapters' metadata, which records what they were trained with; the pipeline's
     `.prediction` and `.prediction_source` say which is used and why. The text encoder and the UNet are
     held in `dtype`, the adapters in `adapter_dtype` (None: `dtype`; training: float32 under autocast), the
-    VAE in float32 on every device (SD's VAE overflows to NaN in float16 at larger sizes)."""
-    return _load(path, device, dtype, adapters, simda_config, prediction, False, adapter_dtype)
+    VAE in float32 on every device (SD's VAE overflows to NaN in float16 at larger sizes). `lora_rank` > 0: a
+    fresh LoRA of that rank beside the frozen SD as well as the `adapters` (distillation's student)."""
+    return _load(path, device, dtype, adapters, simda_config, prediction, False, adapter_dtype, lora_rank)
 
 
 def load_upscaler(path, device="cpu", dtype=torch.float32, adapters=None, simda_config=None, adapter_dtype=None):
@@ -381,11 +382,14 @@ def load_upscaler(path, device="cpu", dtype=torch.float32, adapters=None, simda_
     return pipe
 
 
-def _load(path, device, dtype, adapters, simda_config, prediction, upscaler, adapter_dtype=None):
+def _load(path, device, dtype, adapters, simda_config, prediction, upscaler, adapter_dtype=None, lora_rank=0):
     adapter_weights, meta = None, {}
     if adapters is not None:
         adapter_weights, meta = read_adapters(os.fspath(adapters))
         simda_config = SimDAConfig(**meta["simda_config"])
+        if lora_rank and simda_config.lora_rank:
+            raise CheckpointError(f"{adapters} holds a LoRA already (rank {simda_config.lora_rank}): no second one")
+        simda_config = replace(simda_config, lora_rank=lora_rank or simda_config.lora_rank)
     trained = prediction is None and meta.get("prediction") is not None
     *models, family, prediction, why = load_models(path, device, dtype, simda_config,
                                                    meta["prediction"] if trained else prediction, upscaler,
@@ -401,6 +405,8 @@ def _load(path, device, dtype, adapters, simda_config, prediction, upscaler, ada
         raise CheckpointError(f"{adapters} holds adapters trained on {meta['family']}{trained_on}, "
                               f"but {path} is {pipe.family}: train adapters for this checkpoint")
     if adapter_weights is not None:
+        if lora_rank:  # the file's adapters, and the fresh LoRA (zero at first: the file's model unchanged)
+            adapter_weights = {**{k: v for k, v in adapter_state_dict(pipe.unet).items() if "lora." in k}, **adapter_weights}
         load_adapters(pipe.unet, adapter_weights, os.fspath(adapters))
     return pipe
 

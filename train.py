@@ -211,7 +211,7 @@ def build_run(args):
                                    adapter_dtype=torch.float32)
     else:
         pipe = simda.load_pipeline(ckpt, device, dtype, adapters=start, simda_config=args.simda_config,
-                                   prediction=args.prediction, adapter_dtype=torch.float32)
+                                   prediction=args.prediction, adapter_dtype=torch.float32, lora_rank=args.lora_rank)
     factor = pipe.vae.config.downsample_factor
     if sr:  # the low-res input, a quarter of the size, is halved three times in the upscaler's UNet
         check_shape(args.frames, args.height, args.width, factor * 8, f"{factor} (the upscaler's VAE) x 8 (its UNet)")

@@ -1,27 +1,27 @@
 """The Stable Diffusion UNet (1.x and 2.x), inflated to video.
 
-The network is the CompVis/LDM `UNetModel` with SD's settings: a sinusoidal time embedding,
-ResBlocks, SpatialTransformers (self-attention, cross-attention to the text, GEGLU feed-forward)
-and skip connections from every input block to its mirror output block. It takes video latents
-[B, C, F, h, w] and runs every 2D layer frame by frame: the frames are folded into the batch on the
-way in and unfolded on the way out (video.py's `frames_to_batch`, `batch_to_frames`). Parameter names are the official checkpoint's
-keys with `model.diffusion_model.` stripped, so that SD weights load with a strict load_state_dict.
-The timestep is one per video ([B]) or one per frame ([B, F]): the time embedding is added after the
-fold, so given frames can sit at t = 0 beside noisy ones (image-to-video, continuation: simda.py).
+The network is the CompVis/LDM `UNetModel` with SD's settings: a sinusoidal time embedding, ResBlocks,
+SpatialTransformers (self-attention, cross-attention to the text, GEGLU feed-forward) and skip connections from every
+input block to its mirror output block. It takes video latents [B, C, F, h, w] and runs every 2D layer frame by
+frame: the frames are folded into the batch on the way in and unfolded on the way out (video.py's `frames_to_batch`,
+`batch_to_frames`). Parameter names are the official checkpoint's keys with `model.diffusion_model.` stripped, so
+that SD weights load with a strict load_state_dict. The timestep is one per video ([B]) or one per frame ([B, F]):
+the time embedding is added after the fold, so given frames can sit at t = 0 beside noisy ones (image-to-video,
+continuation: simda.py).
 
-Given an `adapters.SimDAConfig`, the UNet also carries SimDA's modules (adapters.py) under their
-own names beside the SD ones: `attn_adapter` and `ffn_adapter` in every TransformerBlock,
-`temporal_adapter` at the entry of every SpatialTransformer, and latent-shift self-attention.
+Given an `adapters.SimDAConfig`, the UNet also carries SimDA's modules (adapters.py) under their own names beside the
+SD ones: `attn_adapter` and `ffn_adapter` in every TransformerBlock, `temporal_adapter` at the entry of every
+SpatialTransformer, and latent-shift self-attention; with its `lora_rank` > 0 (few-step distillation, not SimDA's),
+a `lora` beside the projections of every Attention and the two convolutions of every ResBlock.
 
-SD 2.x changes three things (LDM's v2 configs): heads of 64 channels instead of 8 heads per level,
-Linear `proj_in`/`proj_out` instead of 1x1 convolutions (`use_linear_in_transformer`), and a
-1024-wide text context; Stability's code also computes attention in float32 under fp16/bf16
-(`upcast_attention`, which our fused attention needs no code for: see Attention). The head count is
-not in any weight's shape: `config_from_state_dict` takes it from the caller (checkpoint.py states
-each family's rule) and checks that the widths divide.
-SD's x4 upscaler adds LDM's `num_classes` (its noise level, embedded and added to the time
-embedding: `label_emb`, the forward's `y`) and `disable_self_attentions` (levels whose attn1 attends
-to the text too; latent-shift attention only replaces real self-attention).
+SD 2.x changes three things (LDM's v2 configs): heads of 64 channels instead of 8 heads per level, Linear
+`proj_in`/`proj_out` instead of 1x1 convolutions (`use_linear_in_transformer`), and a 1024-wide text context;
+Stability's code also computes attention in float32 under fp16/bf16 (`upcast_attention`, which our fused attention
+needs no code for: see Attention). The head count is not in any weight's shape: `config_from_state_dict` takes it
+from the caller (checkpoint.py states each family's rule) and checks that the widths divide.
+SD's x4 upscaler adds LDM's `num_classes` (its noise level, embedded and added to the time embedding: `label_emb`,
+the forward's `y`) and `disable_self_attentions` (levels whose attn1 attends to the text too; latent-shift attention
+only replaces real self-attention).
 """
 import math
 import re
@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from adapters import SpatialAdapter, TemporalAdapter, latent_shift
+from adapters import SpatialAdapter, TemporalAdapter, latent_shift, loras, with_lora
 from video import batch_to_frames, frames_to_batch
 
 
@@ -87,7 +87,7 @@ def normalization(channels, eps=1e-5):
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_channels, out_channels, emb_dim):
+    def __init__(self, in_channels, out_channels, emb_dim, lora_rank=0):
         super().__init__()
         # in_layers: [0] GroupNorm [1] SiLU [2] conv
         self.in_layers = nn.Sequential(normalization(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1))
@@ -97,11 +97,12 @@ class ResBlock(nn.Module):
         self.out_layers = nn.Sequential(normalization(out_channels), nn.SiLU(), nn.Dropout(0.0),
                                         nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        self.lora = loras(lora_rank, conv_in=self.in_layers[2], conv_out=self.out_layers[3])  # None: none (SD, SimDA)
 
     def forward(self, x, emb):
-        h = self.in_layers(x)
+        h = with_lora(self.in_layers, self.lora, "conv_in", x)
         h = h + self.emb_layers(emb)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        return self.skip_connection(x) + with_lora(self.out_layers, self.lora, "conv_out", h)
 
 
 class Downsample(nn.Module):
@@ -133,7 +134,7 @@ class Attention(nn.Module):
     scores cannot overflow float16; the fused kernels accumulate the scores and the softmax in float32 already,
     and diffusers' SDPA processor ignores the flag for that reason (only its classic processor upcasts q and k)."""
 
-    def __init__(self, dim, heads, context_dim=None):
+    def __init__(self, dim, heads, context_dim=None, lora_rank=0):
         super().__init__()
         self.heads = heads
         context_dim = context_dim or dim
@@ -141,18 +142,19 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))  # to_out: [0] linear [1] Dropout
+        self.lora = loras(lora_rank, to_q=self.to_q, to_k=self.to_k, to_v=self.to_v, to_out=self.to_out[0])
 
     def forward(self, x, context=None, more_keys=None):
         """`more_keys`: a function of the projected keys (and values) whose tokens are attended to as well."""
         context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q, k, v = (with_lora(getattr(self, n), self.lora, n, z) for n, z in (("to_q", x), ("to_k", context), ("to_v", context)))
         if more_keys is not None:
             k, v = torch.cat([k, more_keys(k)], dim=1), torch.cat([v, more_keys(v)], dim=1)
         b, n, d = q.shape
         # b n (heads d) -> b heads n d
         q, k, v = (z.reshape(b, -1, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(out.transpose(1, 2).reshape(b, n, d))
+        return self.to_out[1](with_lora(self.to_out[0], self.lora, "to_out", out.transpose(1, 2).reshape(b, n, d)))
 
 
 class GEGLU(nn.Module):
@@ -187,9 +189,10 @@ class TransformerBlock(nn.Module):
         super().__init__()
         # LDM's disable_self_attn (the x4 upscaler's upper levels): attn1 is a second cross-attention
         self.disable_self_attn = disable_self_attn
-        self.attn1 = Attention(dim, heads, context_dim if disable_self_attn else None)
+        rank = simda_config.lora_rank if simda_config else 0
+        self.attn1 = Attention(dim, heads, context_dim if disable_self_attn else None, rank)
         self.ff = FeedForward(dim)
-        self.attn2 = Attention(dim, heads, context_dim)
+        self.attn2 = Attention(dim, heads, context_dim, rank)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
@@ -286,6 +289,7 @@ class UNet(nn.Module):
         # shrink.
         self.frame_chunk = 0
         mc, emb_dim, levels = c.model_channels, c.model_channels * 4, len(c.channel_mult)
+        rank = simda_config.lora_rank if simda_config else 0
 
         def transformer(ch, level=None):
             return SpatialTransformer(ch, c.heads(ch), c.context_dim, simda_config, c.use_linear_in_transformer,
@@ -300,7 +304,7 @@ class UNet(nn.Module):
         skip_channels, ch = [mc], mc
         for level, mult in enumerate(c.channel_mult):
             for _ in range(c.num_res_blocks):
-                layers = [ResBlock(ch, mult * mc, emb_dim)]
+                layers = [ResBlock(ch, mult * mc, emb_dim, rank)]
                 ch = mult * mc
                 if level in c.attention_levels:
                     layers.append(transformer(ch, level))
@@ -310,12 +314,12 @@ class UNet(nn.Module):
                 self.input_blocks.append(nn.ModuleList([Downsample(ch)]))
                 skip_channels.append(ch)
 
-        self.middle_block = nn.ModuleList([ResBlock(ch, ch, emb_dim), transformer(ch), ResBlock(ch, ch, emb_dim)])
+        self.middle_block = nn.ModuleList([ResBlock(ch, ch, emb_dim, rank), transformer(ch), ResBlock(ch, ch, emb_dim, rank)])
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             for i in range(c.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), mult * mc, emb_dim)]
+                layers = [ResBlock(ch + skip_channels.pop(), mult * mc, emb_dim, rank)]
                 ch = mult * mc
                 if level in c.attention_levels:
                     layers.append(transformer(ch, level))

@@ -143,7 +143,7 @@ def straight(tiny_checkpoint, teacher, tmp_path_factory):
 def test_a_distillation_run_saves_a_distilled_file_and_resumes_bitwise(straight, tiny_checkpoint, teacher, tmp_path):
     weights, meta = simda.read_adapters(os.path.join(straight, "adapters.safetensors"))
     assert meta["distilled"] == dict(teacher=teacher, skip=20, guidance=[7.5, 7.5], ema_rate=0.95, huber_c=0.001,
-                                     start=None, sampler="lcm")
+                                     start=None, lora_rank=0, sampler="lcm")
     start = simda.read_adapters(teacher)[0]
     assert any(not weights[k].equal(start[k]) for k in weights)  # the student moved off the teacher
     assert os.path.exists(os.path.join(straight, "samples", "step000004.gif"))  # validated with lcm
@@ -179,6 +179,7 @@ def test_distilled_adapters_sample_with_lcm_by_default_deterministically(straigh
     (["--guidance-range", "a"], "--guidance-range takes LO or LO,HI"),
     (["--ema-rate", "1"], "--ema-rate must be in [0, 1)"),
     (["--distill-skip", "0"], "the skip must be an int"),
+    (["--lora-rank", "-1"], "--lora-rank >= 0"),
 ])
 def test_distillation_refuses_what_it_cannot_do_before_any_model_loads(argv, message, tiny_checkpoint, teacher,
                                                                        tmp_path, capsys, monkeypatch):
@@ -227,8 +228,44 @@ def test_a_distillation_goes_on_from_distilled_adapters_with_its_teacher_kept(st
     assert all(run.distiller.teacher[k].equal(teacher_weights[k]) for k in started)
     assert not all(started[k].equal(teacher_weights[k]) for k in started)
     for more, message in ((["--init-from", teacher], "adapters that were not distilled"),
-                          (["--init-from", start, "--distill-skip", "50"], "distilled with --distill-skip 20, not 50")):
+                          (["--init-from", start, "--distill-skip", "50"], "distilled with --distill-skip 20 --lora-rank 0, not "
+                                                                         "--distill-skip 50 --lora-rank 0")):
         with pytest.raises(SystemExit) as e:
             train.main(base + ["--out", str(tmp_path / "refused"), *more])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_distillation_with_a_lora_starts_as_the_teacher_then_trains_saves_resumes_and_samples_it(
+        tiny_checkpoint, teacher, tmp_path, capsys):
+    base = ["--ckpt", tiny_checkpoint, "--distill", teacher, "--lora-rank", "2", *COMMON]
+    run = train.build_run(train.build_parser().parse_args(base + ["--steps", "1", "--out", str(tmp_path / "built")]))
+    lora = [k for k in run.distiller.student if "lora." in k]
+    assert lora and all(k in run.distiller.teacher for k in lora)  # a LoRA beside the attention and the ResBlocks
+    assert {k.split("lora.")[1].split(".")[0] for k in lora} == {"to_q", "to_k", "to_v", "to_out", "conv_in", "conv_out"}
+    x, context = inputs(run.pipe)
+    t = torch.tensor([999, 500, 19])
+    with torch.no_grad():
+        with_lora = run.pipe.unet(x, t, context)
+        for m in [m for m in run.pipe.unet.modules() if getattr(m, "lora", None) is not None]:
+            m.lora = None
+        assert torch.equal(with_lora, run.pipe.unet(x, t, context))  # the fresh LoRA changes nothing
+    straight, out = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train.main(base + ["--steps", "2", "--out", straight])
+    train.main(base + ["--steps", "1", "--out", out])
+    train.main(base + ["--steps", "2", "--out", out, "--resume"])
+    assert losses(out) == losses(straight)
+    weights, meta = simda.read_adapters(os.path.join(out, "adapters.safetensors"))
+    assert meta["simda_config"]["lora_rank"] == 2 and meta["distilled"]["lora_rank"] == 2
+    assert all(weights[k].equal(w) for k, w in simda.read_adapters(os.path.join(straight, "adapters.safetensors"))[0].items())
+    assert all(weights[k].abs().max() > 0 for k in lora if ".up." in k)  # the LoRA trained
+    sample.main(["a red circle", "--ckpt", tiny_checkpoint, "--adapters", os.path.join(out, "adapters.safetensors"),
+                 "--out", str(tmp_path / "v.gif")])
+    assert "4 lcm steps" in capsys.readouterr().err and os.path.exists(tmp_path / "v.gif")
+    for more, message in ((["--init-from", os.path.join(out, "adapters.safetensors"), "--lora-rank", "0"],
+                           "--lora-rank 2, not --distill-skip 20 --lora-rank 0"),
+                          (["--distill", ""], "--lora-rank adds a LoRA to a distillation's student")):
+        with pytest.raises(SystemExit) as e:
+            train.main(base + ["--steps", "1", "--out", str(tmp_path / "refused"), *more])
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and len(err.splitlines()) == 1, err
