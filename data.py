@@ -57,7 +57,8 @@ def to_unit(clips):
 
 def levels_to_unit(x):
     """Levels 0..255 (any dtype) -> float in [-1, 1]."""
-    return x.float().div(127.5).sub_(1).clamp_(-1, 1)  # (x / 127.5 - 1).clamp(-1, 1), in place
+    # (x / 127.5 - 1).clamp(-1, 1) in one new tensor (a float x is copied, never changed)
+    return x.to(torch.float32, copy=True).div_(127.5).sub_(1).clamp_(-1, 1)
 
 
 def resize_crop(x, height, width, flip=False, levels=False):

@@ -84,6 +84,17 @@ def test_read_clip_flips_and_makes_non_square_frames(videos):
     assert to_level(flipped[:, 1, :, -10:]).min() > 220  # green now on the right
 
 
+def test_levels_become_minus_one_to_one_exactly_and_the_input_is_left_as_it_was():
+    levels = torch.arange(256, dtype=torch.uint8)
+    as_float = levels.double()
+    expected = (as_float / 127.5 - 1).clamp(-1, 1).float()
+    assert torch.allclose(data.levels_to_unit(levels), expected, atol=1e-7, rtol=0)
+    assert data.levels_to_unit(levels)[[0, 255]].tolist() == [-1.0, 1.0]
+    given = levels.float()
+    assert torch.equal(data.to_unit(levels), data.levels_to_unit(given)) and torch.equal(given, levels.float())
+    assert data.to_unit(given) is given  # float clips are in [-1, 1] already
+
+
 def test_random_start_comes_from_the_rng_and_stays_inside_the_video(videos):
     def start(seed):
         clip = data.read_clip(videos["gif"], frames=3, stride=3, height=16, width=16, rng=random.Random(seed))
