@@ -78,11 +78,10 @@ def build_parser():
     p.add_argument("--width", type=int, help=f"frame width, with --height instead of --size (default: {DEFAULT_SIZE})")
     p.add_argument("--height", type=int, help=f"frame height, with --width instead of --size (default: {DEFAULT_SIZE})")
     p.add_argument("--steps", type=int, default=10000, help="total optimizer steps, counting resumed ones (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=1,
-                   help="global batch, split evenly over torchrun's processes (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=1, help="global batch, split over torchrun's processes (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--init-from", metavar="ADAPTERS", help="start from these adapters, a fresh optimizer (--distill: "
-                   "distilled ones, same --distill-skip) (default: fresh; --distill: the teacher's)")
+                   "distilled ones, same --distill-skip and --lora-rank) (default: fresh; --distill: the teacher's)")
     p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this; 0: off (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and of every noise draw (default: %(default)s)")
@@ -91,12 +90,9 @@ def build_parser():
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="the frozen SD's dtype and autocast's (adapters stay float32); auto: bfloat16 on CUDA if supported, "
                         "else float16 with a grad scaler; on the CPU bfloat16 where AMX or AVX512-BF16 runs it, else float32 (default: %(default)s)")
-    p.add_argument("--save-every", type=int, default=500,
-                   help="save adapters and state every N steps, and at the end (default: %(default)s)")
-    p.add_argument("--sample-every", type=int, default=500,
-                   help="write validation GIFs every N steps and at the end; 0: off (default: %(default)s)")
-    p.add_argument("--val-prompt", action="append", default=[],
-                   help="validation prompt (repeatable; default: none, no validation)")
+    p.add_argument("--save-every", type=int, default=500, help="save adapters and state every N steps and at the end (default: %(default)s)")
+    p.add_argument("--sample-every", type=int, default=500, help="validation GIFs every N steps and at the end; 0: off (default: %(default)s)")
+    p.add_argument("--val-prompt", action="append", default=[], help="validation prompt (repeatable; default: none, no validation)")
     p.add_argument("--val-sampler", choices=list(simda.SAMPLERS), help="sampler of the validation samples, ddim, "
                    f"dpm++ or lcm (default: {simda.SD_SAMPLING[0]}; with --distill lcm)")
     p.add_argument("--val-steps", type=int, help=f"steps of the validation samples (default: 25; lcm {simda.LCM_STEPS})")
