@@ -141,7 +141,10 @@ class Distiller:
         self.uncond = pipe.text_context([""])  # the teacher's unconditional side: the empty prompt
         pipe.distilled = metadata(settings)  # what validation samples with
         optimizer.register_step_post_hook(lambda *_: self.update_target())
-        if state is not None:
+        if state is not None:  # a --resume: the saved LoRA must be this run's to load (and its target with it)
+            saved = (state["config"].get("distill") or {}).get("lora_rank", 0)
+            if saved != settings.lora_rank:
+                raise ValueError(f"state.pt was saved by a run with --lora-rank {saved}: resume it with --lora-rank {saved}")
             self.load_state_dict(state.get("target", {}), "state.pt")
 
     def loss(self, model, batch, gs, seed, device):

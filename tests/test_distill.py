@@ -255,6 +255,9 @@ def test_a_distillation_with_a_lora_starts_as_the_teacher_then_trains_saves_resu
     train.main(base + ["--steps", "1", "--out", out])
     train.main(base + ["--steps", "2", "--out", out, "--resume"])
     assert losses(out) == losses(straight)
+    with pytest.raises(SystemExit):  # the LoRA forgotten on a resume: said, not a key mismatch
+        train.main(["--ckpt", tiny_checkpoint, "--distill", teacher, *COMMON, "--steps", "3", "--out", out, "--resume"])
+    assert "saved by a run with --lora-rank 2: resume it with --lora-rank 2" in capsys.readouterr().err
     weights, meta = simda.read_adapters(os.path.join(out, "adapters.safetensors"))
     assert meta["simda_config"]["lora_rank"] == 2 and meta["distilled"]["lora_rank"] == 2
     assert all(weights[k].equal(w) for k, w in simda.read_adapters(os.path.join(straight, "adapters.safetensors"))[0].items())
