@@ -221,8 +221,7 @@ def build_run(args):
                   timestep_bias=args.timestep_bias, cache_latents=args.cache_latents, data=args.data or args.video,
                   simda_config=dataclasses.asdict(pipe.unet.simda_config), prediction=pipe.prediction, stage=args.stage,
                   given_frames=args.given_frames, given_probability=args.given_probability if args.given_frames else 0,
-                  init_from=args.init_from,
-                  distill=args.distill_settings and distill.metadata(args.distill_settings))
+                  init_from=args.init_from, distill=args.distill_settings and distill.metadata(args.distill_settings))
     run = Run(args, rank, world, device, ckpt, config, pipe, model, params,
               torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay),
               torch.amp.GradScaler("cuda", enabled=dtype == torch.float16),  # disabled: its calls are no-ops

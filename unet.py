@@ -127,12 +127,12 @@ class Upsample(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention of the tokens x over the tokens of `context` (x itself when None).
 
-    Always SDPA in the dtype it is given (the weights' when sampling, autocast's when training: one behaviour),
-    on q/k/v whose last dimension is contiguous, so that a fused kernel runs (flash or memory-efficient on CUDA,
-    the flash kernel on the CPU). SD 2.x's `upcast_attention` needs nothing more: Stability's code computes the
-    q.k scores and the softmax in float32 (autocast off) and multiplies by v in the low precision, so that the
-    scores cannot overflow float16; the fused kernels accumulate the scores and the softmax in float32 already,
-    and diffusers' SDPA processor ignores the flag for that reason (only its classic processor upcasts q and k)."""
+    Always SDPA in the dtype it is given (the weights' when sampling, autocast's when training: one behaviour), on
+    q/k/v whose last dimension is contiguous, so that a fused kernel runs (flash or memory-efficient on CUDA, the flash
+    kernel on the CPU). SD 2.x's `upcast_attention` needs nothing more: Stability's code computes the q.k scores and
+    the softmax in float32 (autocast off) and multiplies by v in the low precision, so that the scores cannot overflow
+    float16; the fused kernels accumulate the scores and the softmax in float32 already, and diffusers' SDPA
+    processor ignores the flag for that reason (only its classic processor upcasts q and k). `lora`: adapters.LoRA."""
 
     def __init__(self, dim, heads, context_dim=None, lora_rank=0):
         super().__init__()
@@ -193,9 +193,7 @@ class TransformerBlock(nn.Module):
         self.attn1 = Attention(dim, heads, context_dim if disable_self_attn else None, rank)
         self.ff = FeedForward(dim)
         self.attn2 = Attention(dim, heads, context_dim, rank)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.latent_shift = bool(simda_config and simda_config.latent_shift) and not disable_self_attn
         if simda_config and simda_config.spatial_adapters:
             self.attn_adapter = SpatialAdapter(dim, simda_config.spatial_ratio, skip=True)
