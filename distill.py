@@ -13,8 +13,11 @@ One step, per sample: the clean latents x0 and the text of every run's data, the
   x_prev = ddim.step(x, the teacher's guided output, t, t - k)    one DDIM step of the teacher's ODE (t - k < 0:
                                                                   the clean end, where f's boundary makes f = x)
   loss   = pseudo_huber(f_student(x, t), f_target(x_prev, t - k))  f: lcm.consistency; the target without gradient
-and after the optimizer's step, target <- rate * target + (1 - rate) * student. The adapter file of a distilled run
-says so in its metadata ("distilled": the teacher, k, the guidance range), which sample.py reads to sample with lcm.
+and after the optimizer's step, target <- rate * target + (1 - rate) * student. Phased (--phases N; PCM: Wang et
+al. 2024), f maps t to the end of its phase of the trajectory instead (lcm.phased_consistency: the DDIM step to
+the next of N lcm timesteps below t), and at a phase's end the target is x_prev itself. The adapter file of a
+distilled run says so in its metadata ("distilled": the teacher, k, the guidance range, the phases), which
+sample.py reads to sample with lcm.
 """
 from dataclasses import asdict, dataclass
 
@@ -41,6 +44,8 @@ class Settings:
     huber_c: float = HUBER_C
     start: str = None  # distilled adapters the student starts from (None: the teacher's)
     lora_rank: int = 0  # > 0: the student also trains a LoRA of this rank beside the frozen SD (adapters.LoRA)
+    phases: int = 0  # > 0: phased consistency (lcm.phased_consistency) over this many phases; 0: LCM's f
+    solve_phases: bool = False  # phased: the teacher solves the rest of the phase, which is the target (no target net)
 
 
 def add_flags(parser):
@@ -57,15 +62,20 @@ def add_flags(parser):
     g.add_argument("--lora-rank", type=int, default=0, metavar="R", help="--distill: the student also trains a LoRA "
                    "of rank R beside every attention projection and ResBlock convolution of the frozen SD, more "
                    "capacity than the adapters alone (default: 0, none)")
+    g.add_argument("--phases", type=int, default=0, metavar="N", help="--distill: phased consistency (PCM): f maps "
+                   "each of N phases of the trajectory to the phase's end, and N lcm steps sample deterministically "
+                   "(default: 0, LCM: every timestep to the clean end)")
+    g.add_argument("--solve-phases", action="store_true", help="--distill --phases: the teacher's DDIM steps of K run "
+                   "from t to the end of its phase, and the student learns that end directly, with no target network")
     g.add_argument("--huber-c", type=float, default=HUBER_C, help="--distill: the pseudo-Huber loss's constant "
                    "(default: %(default)s)")
 
 
 def check_flags(args):
     """Settings of --distill (None without it), checked before any model loads; settles --val-sampler and
-    --val-steps (lcm and 4 for distillation, else dpm++ and 25)."""
+    --val-steps (lcm and 4, or a step a phase, for distillation, else dpm++ and 25)."""
     args.val_sampler = args.val_sampler or ("lcm" if args.distill else simda.SD_SAMPLING[0])
-    args.val_steps = args.val_steps or (simda.LCM_STEPS if args.val_sampler == "lcm" else 25)
+    args.val_steps = args.val_steps or ((args.phases or simda.LCM_STEPS) if args.val_sampler == "lcm" else 25)
     if args.val_sampler == "lcm" and not args.distill:
         raise ValueError("--val-sampler lcm samples distilled adapters: add --distill TEACHER, or pick ddim or dpm++")
     if args.lora_rank and not args.distill:
@@ -92,13 +102,24 @@ def check_flags(args):
     if not 0 <= args.ema_rate < 1 or not args.huber_c > 0 or args.lora_rank < 0:
         raise ValueError(f"--ema-rate must be in [0, 1), --huber-c > 0 and --lora-rank >= 0, got {args.ema_rate}, "
                          f"{args.huber_c} and {args.lora_rank}")
+    if not 0 <= args.phases <= len(lcm.grid(args.distill_skip)):
+        raise ValueError(f"--phases must be in [0, {len(lcm.grid(args.distill_skip))}] (the timesteps of "
+                         f"--distill-skip {args.distill_skip}), got {args.phases}")
     made = args.init_from and simda.read_adapters(args.init_from)[1].get("distilled")
-    if args.init_from and (not made or (made["skip"], made.get("lora_rank", 0)) != (args.distill_skip, args.lora_rank)):
-        raise ValueError(f"--init-from {args.init_from} holds " + (  # the student and its target start there
-            f"adapters distilled with --distill-skip {made['skip']} --lora-rank {made.get('lora_rank', 0)}, not "
-            f"--distill-skip {args.distill_skip} --lora-rank {args.lora_rank}" if made else "adapters that were not distilled"))
+    wanted = flags(dict(skip=args.distill_skip, lora_rank=args.lora_rank, phases=args.phases))
+    if args.init_from and (not made or flags(made) != wanted):  # the student and its target start there
+        raise ValueError(f"--init-from {args.init_from} holds " + (
+            f"adapters distilled with {flags(made)}, not {wanted}" if made else "adapters that were not distilled"))
+    if args.solve_phases and not args.phases:
+        raise ValueError("--solve-phases solves each phase of a phased distillation: add --phases N")
     return Settings(args.distill, args.distill_skip, guidance, args.ema_rate, args.huber_c, args.init_from,
-                    args.lora_rank)
+                    args.lora_rank, args.phases, args.solve_phases)
+
+
+def flags(distilled):
+    """The flags a distilled file's student must be continued with (its metadata's "distilled" entry)."""
+    return (f"--distill-skip {distilled['skip']} --lora-rank {distilled.get('lora_rank', 0)} "
+            f"--phases {distilled.get('phases', 0)}")
 
 
 def pseudo_huber(a, b, c=HUBER_C):
@@ -137,14 +158,16 @@ class Distiller:
         if settings.start:  # the student goes on from adapters distilled before
             simda.load_adapters(pipe.unet, simda.read_adapters(settings.start)[0], settings.start)
         student = adapter_state_dict(pipe.unet)
-        self.target = {k: v.detach().clone() for k, v in student.items()} if settings.ema_rate > 0 else None
+        self.target = {k: v.detach().clone() for k, v in student.items()} if settings.ema_rate > 0 and not settings.solve_phases else None
         self.uncond = pipe.text_context([""])  # the teacher's unconditional side: the empty prompt
         pipe.distilled = metadata(settings)  # what validation samples with
         optimizer.register_step_post_hook(lambda *_: self.update_target())
-        if state is not None:  # a --resume: the saved LoRA must be this run's to load (and its target with it)
-            saved = (state["config"].get("distill") or {}).get("lora_rank", 0)
-            if saved != settings.lora_rank:
-                raise ValueError(f"state.pt was saved by a run with --lora-rank {saved}: resume it with --lora-rank {saved}")
+        if state is not None:  # a --resume: the saved LoRA must be this run's to load, and the phases its objective
+            saved = state["config"].get("distill") or {}
+            for flag, key in (("--lora-rank", "lora_rank"), ("--phases", "phases")):
+                if saved.get(key, 0) != getattr(settings, key):
+                    raise ValueError(f"state.pt was saved by a run with {flag} {saved.get(key, 0)}: resume it with "
+                                     f"{flag} {saved.get(key, 0)}")
             self.load_state_dict(state.get("target", {}), "state.pt")
 
     def loss(self, model, batch, gs, seed, device):
@@ -158,27 +181,53 @@ class Distiller:
         pipe = self.pipe
         t, noise, w = draw(seed, gs, self.settings, latents)
         x = ddim.add_noise(latents, noise, t, pipe.alphas)
-        x_prev = self.teacher_step(x, t, w, context)
-        target = self.target_consistency(x_prev, t - self.settings.skip, context)
-        student = lcm.consistency(x, model(x, t, context).float(), t, pipe.prediction, pipe.alphas)
+        end = lcm.phase_ends(t, self.settings.phases, self.settings.skip) if self.settings.phases else None
+        if self.settings.solve_phases:
+            target = self.teacher_to_end(x, t, w, context, end)
+        else:
+            x_prev = self.teacher_step(x, t, w, context)
+            target = self.target_consistency(x_prev, t - self.settings.skip, context, end)
+        student = self.consistency(x, model(x, t, context).float(), t, end)
         return pseudo_huber(student, target, self.settings.huber_c)
 
+    def consistency(self, x, out, t, end):
+        """f(x, t) of the UNet's output: to the clean end (LCM), or, phased, to the phase's end `end` [B]."""
+        if end is None:
+            return lcm.consistency(x, out, t, self.pipe.prediction, self.pipe.alphas)
+        return lcm.phased_consistency(x, out, t, end, self.pipe.prediction, self.pipe.alphas)
+
     @torch.no_grad()
-    def teacher_step(self, x, t, w, context):
-        """The teacher's DDIM step from t to t - k [B] of the noisy latents x, guided at the scales w [B]."""
+    def teacher_step(self, x, t, w, context, t_prev=None):
+        """The teacher's DDIM step from t to t_prev (default t - k) [B] of the noisy latents x, guided at the
+        scales w [B]."""
         both = functional_call(self.pipe.unet, self.teacher, (torch.cat([x, x]), torch.cat([t, t]),
                                                               torch.cat([self.uncond.expand_as(context), context])))
         uncond, cond = both.float().chunk(2)
         guided = uncond + w.reshape(-1, *[1] * (x.dim() - 1)) * (cond - uncond)
-        return ddim.step(x, guided, t, t - self.settings.skip, prediction=self.pipe.prediction, alphas=self.pipe.alphas)
+        t_prev = t - self.settings.skip if t_prev is None else t_prev
+        return ddim.step(x, guided, t, t_prev, prediction=self.pipe.prediction, alphas=self.pipe.alphas)
 
     @torch.no_grad()
-    def target_consistency(self, x, t, context):
-        """f_target(x, t) [B]: the target's adapters (the student's with --ema-rate 0) made a consistency function."""
+    def teacher_to_end(self, x, t, w, context, end):
+        """--solve-phases: the teacher's DDIM steps of k from t [B] down to the phase's end `end` [B] (grid
+        timesteps: whole steps), each step on the samples not there yet."""
+        x, t = x.clone(), t.clone()
+        while True:
+            todo = (t > end).nonzero().squeeze(1)  # a read back a step: one to five steps a phase of five
+            if len(todo) == 0:
+                return x
+            t_next = t[todo] - self.settings.skip
+            x[todo] = self.teacher_step(x[todo], t[todo], w[todo], context[todo], t_next)
+            t[todo] = t_next
+
+    @torch.no_grad()
+    def target_consistency(self, x, t, context, end=None):
+        """f_target(x, t) [B]: the target's adapters (the student's with --ema-rate 0) made a consistency function
+        (phased: to the student's phase's end `end`, where x itself is the target)."""
         inputs = (x, t.clamp(min=0), context)
         unet = self.pipe.unet
         out = unet(*inputs) if self.target is None else functional_call(unet, self.target, inputs)
-        return lcm.consistency(x, out.float(), t, self.pipe.prediction, self.pipe.alphas)
+        return self.consistency(x, out.float(), t, end)
 
     def update_target(self):
         if self.target is not None:

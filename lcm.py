@@ -17,6 +17,10 @@ n steps take n timesteps of the grid, evenly spaced in index from 999 down (4 st
 are diffusers' LCMScheduler's (original_inference_steps = 1000 // skip, timestep_scaling 10, sigma_data 0.5, the
 step noise drawn from the generator after the starting noise, none after the last step). Every function works on
 any latent shape: images [B, 4, h, w] or videos [B, 4, F, h, w].
+
+Phased consistency (PCM: Wang et al. 2024) splits the trajectory at the timesteps of N steps; f maps a point of a
+phase to the phase's end (the DDIM step there), not to the clean end. Adapters distilled so sample by deterministic
+DDIM steps between those timesteps, no noise drawn: each of the N steps is one f, along the ODE's own trajectory.
 """
 import torch
 
@@ -66,18 +70,43 @@ def consistency(x_t, model_output, t, prediction="epsilon", alphas=None):
     return c_skip * x_t + c_out * x0
 
 
+def phase_ends(t, phases, skip=SKIP):
+    """Phased consistency: the timestep [B] where the phase of each t [B] ends, the next of the `phases` sampling
+    timesteps below t (-1: the clean end). 4 phases, skip 50: t in 750..999 -> 749, 500..749 -> 499, ... 0..249 -> -1.
+    The ends are grid timesteps, so a step of the grid from t to t - skip never passes its phase's end."""
+    ends = torch.cat([torch.tensor([-1]), timesteps(phases, skip).flip(0)[:-1]]).to(t.device)  # ascending
+    return ends[(ends < t.unsqueeze(-1)).sum(-1) - 1]
+
+
+def phased_consistency(x_t, model_output, t, end, prediction="epsilon", alphas=None):
+    """f(x_t, t) of phased consistency (PCM: Wang et al. 2024): the deterministic DDIM step of the model's output
+    from t to its phase's end [B] (phase_ends); the boundary f(x, end) = x is exact. The last phase ends where DDIM
+    sampling does (ddim.py's clean end)."""
+    shape = (-1,) + (1,) * (x_t.dim() - 1)  # [B] -> [B, 1, ...], against x_t
+    moved = ddim.step(x_t, model_output, t.clamp(min=0), end, prediction=prediction, alphas=alphas)
+    return torch.where((t <= end).reshape(shape).to(x_t.device), x_t, moved)
+
+
 @torch.no_grad()
-def sample(x_T, model_fn, num_inference_steps, generator=None, skip=SKIP, prediction="epsilon", alphas=None):
+def sample(x_T, model_fn, num_inference_steps, generator=None, skip=SKIP, prediction="epsilon", alphas=None,
+           phased=False):
     """Multistep consistency sampling from noise x_T to x0. model_fn(x, t) returns the distilled model's output
     (the noise, or v: `prediction`); t is an int. Between steps the noise is drawn on the CPU with torch.randn from
     `generator` (None: the global RNG) and moved to x's device, so that a seed means the same video on every device.
+    `phased`: adapters distilled in phases (phased_consistency), sampled by deterministic DDIM steps from one
+    timestep to the next, no noise: with as many steps as phases, each step is f, from a phase's start to its end.
     """
     ddim.check_prediction(prediction)
     ts = timesteps(num_inference_steps, skip).tolist()
     x = x_T
     for i, t in enumerate(ts):
+        t_next = ts[i + 1] if i + 1 < len(ts) else -1
+        if phased:
+            x = ddim.step(x, model_fn(x, t), t, t_next, prediction=prediction, alphas=alphas)
+            continue
         x0 = consistency(x, model_fn(x, t), t, prediction, alphas)
-        if i + 1 == len(ts):
+        if t_next < 0:
             return x0
         noise = to_device(torch.randn(x.shape, generator=generator, dtype=x.dtype), x.device)  # a CPU generator
-        x = ddim.add_noise(x0, noise, torch.full((x.shape[0],), ts[i + 1], dtype=torch.long), alphas)
+        x = ddim.add_noise(x0, noise, torch.full((x.shape[0],), t_next, dtype=torch.long), alphas)
+    return x

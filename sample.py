@@ -277,8 +277,8 @@ def sampling(args, defaults, steps, upscaler=False):
 def stage_one_sampling(args, defaults, adapters, meta):
     """(sampler, steps, guidance) of stage one; distilled adapters (`meta`) default to lcm, which alone they take."""
     distilled = meta.get("distilled")
-    sampler, steps = sampling(args, ("lcm" if distilled else defaults[0], {**defaults[1], "lcm": simda.LCM_STEPS}),
-                              args.steps)
+    lcm_steps = (distilled or {}).get("phases") or simda.LCM_STEPS  # phased adapters: a step a phase
+    sampler, steps = sampling(args, ("lcm" if distilled else defaults[0], {**defaults[1], "lcm": lcm_steps}), args.steps)
     if sampler == "lcm" and not distilled:
         raise ValueError(f"--sampler lcm samples distilled adapters (train.py --distill): {adapters or 'none'} are not")
     if sampler == "lcm" and args.guidance not in (None, 1):

@@ -164,7 +164,8 @@ class Pipeline:
         if sampler == "dpm++":
             x = dpm_solver.sample(x.float(), model, steps, prediction=self.prediction, alphas=self.alphas)
         elif sampler == "lcm":
-            x = lcm.sample(x.float(), model, steps, generator, self.distilled["skip"], self.prediction, self.alphas)
+            x = lcm.sample(x.float(), model, steps, generator, self.distilled["skip"], self.prediction, self.alphas,
+                           phased=bool(self.distilled.get("phases")))
         else:
             x = ddim.sample(x.float(), model, steps, eta=eta, generator=generator, prediction=self.prediction,
                             alphas=self.alphas)

@@ -143,7 +143,8 @@ def straight(tiny_checkpoint, teacher, tmp_path_factory):
 def test_a_distillation_run_saves_a_distilled_file_and_resumes_bitwise(straight, tiny_checkpoint, teacher, tmp_path):
     weights, meta = simda.read_adapters(os.path.join(straight, "adapters.safetensors"))
     assert meta["distilled"] == dict(teacher=teacher, skip=20, guidance=[7.5, 7.5], ema_rate=0.95, huber_c=0.001,
-                                     start=None, lora_rank=0, sampler="lcm")
+                                     start=None, lora_rank=0, phases=0, solve_phases=False,
+                                     sampler="lcm")
     start = simda.read_adapters(teacher)[0]
     assert any(not weights[k].equal(start[k]) for k in weights)  # the student moved off the teacher
     assert os.path.exists(os.path.join(straight, "samples", "step000004.gif"))  # validated with lcm
@@ -180,6 +181,9 @@ def test_distilled_adapters_sample_with_lcm_by_default_deterministically(straigh
     (["--ema-rate", "1"], "--ema-rate must be in [0, 1)"),
     (["--distill-skip", "0"], "the skip must be an int"),
     (["--lora-rank", "-1"], "--lora-rank >= 0"),
+    (["--phases", "51"], "--phases must be in [0, 50] (the timesteps of --distill-skip 20), got 51"),
+    (["--phases", "-1"], "--phases must be in [0, 50]"),
+    (["--solve-phases"], "--solve-phases solves each phase of a phased distillation: add --phases N"),
 ])
 def test_distillation_refuses_what_it_cannot_do_before_any_model_loads(argv, message, tiny_checkpoint, teacher,
                                                                        tmp_path, capsys, monkeypatch):
@@ -228,7 +232,7 @@ def test_a_distillation_goes_on_from_distilled_adapters_with_its_teacher_kept(st
     assert all(run.distiller.teacher[k].equal(teacher_weights[k]) for k in started)
     assert not all(started[k].equal(teacher_weights[k]) for k in started)
     for more, message in ((["--init-from", teacher], "adapters that were not distilled"),
-                          (["--init-from", start, "--distill-skip", "50"], "distilled with --distill-skip 20 --lora-rank 0, not "
+                          (["--init-from", start, "--distill-skip", "50"], "distilled with --distill-skip 20 --lora-rank 0 --phases 0, not "
                                                                          "--distill-skip 50 --lora-rank 0")):
         with pytest.raises(SystemExit) as e:
             train.main(base + ["--out", str(tmp_path / "refused"), *more])
@@ -266,9 +270,74 @@ def test_a_distillation_with_a_lora_starts_as_the_teacher_then_trains_saves_resu
                  "--out", str(tmp_path / "v.gif")])
     assert "4 lcm steps" in capsys.readouterr().err and os.path.exists(tmp_path / "v.gif")
     for more, message in ((["--init-from", os.path.join(out, "adapters.safetensors"), "--lora-rank", "0"],
-                           "--lora-rank 2, not --distill-skip 20 --lora-rank 0"),
+                           "--lora-rank 2 --phases 0, not --distill-skip 20 --lora-rank 0 --phases 0"),
                           (["--distill", ""], "--lora-rank adds a LoRA to a distillation's student")):
         with pytest.raises(SystemExit) as e:
             train.main(base + ["--steps", "1", "--out", str(tmp_path / "refused"), *more])
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_phased_target_is_the_targets_ddim_step_to_the_students_phase_end_or_the_teachers_step_at_it(
+        tiny_checkpoint, teacher):
+    d = distiller(tiny_checkpoint, teacher, phases=4)  # skip 20: the phases end at 759, 499, 259 and the clean end
+    x, context = inputs(d.pipe, 2)
+    t = torch.tensor([999, 519, 279])  # t - 20: inside its phase, inside, at its end
+    end = distill.lcm.phase_ends(t, 4, 20)
+    assert end.tolist() == [759, 499, 259]
+    ours = d.target_consistency(x, t - 20, context, end)
+    with torch.no_grad():
+        out = distill.functional_call(d.pipe.unet, d.target, (x, t - 20, context))
+    assert torch.equal(ours[2], x[2])  # at the phase's end the target is the teacher's step itself
+    for i in range(2):
+        expected = ddim.step(x[i:i + 1], out[i:i + 1], int(t[i]) - 20, int(end[i]))
+        assert rel_err(ours[i:i + 1], expected) < 1e-5, i
+
+
+def test_a_phased_distillation_saves_its_phases_and_samples_them_without_step_noise(tiny_checkpoint, teacher,
+                                                                                    tmp_path, capsys):
+    base = ["--ckpt", tiny_checkpoint, "--distill", teacher, "--phases", "4", *COMMON]
+    out = str(tmp_path / "phased")
+    train.main(base + ["--steps", "2", "--out", out])
+    adapters = os.path.join(out, "adapters.safetensors")
+    assert simda.read_adapters(adapters)[1]["distilled"]["phases"] == 4
+    with pytest.raises(SystemExit):  # a resume must keep the objective
+        train.main(["--ckpt", tiny_checkpoint, "--distill", teacher, *COMMON, "--steps", "3", "--out", out, "--resume"])
+    assert "saved by a run with --phases 4: resume it with --phases 4" in capsys.readouterr().err
+    sample.main(["a red circle", "--ckpt", tiny_checkpoint, "--adapters", adapters, "--out", str(tmp_path / "v.gif")])
+    assert "4 lcm steps" in capsys.readouterr().err
+    pipe = simda.load_pipeline(tiny_checkpoint, adapters=adapters)
+    draws = []
+    randn = torch.randn
+    torch.randn = lambda *a, **k: draws.append(a) or randn(*a, **k)
+    try:
+        phased = pipe("a red circle", 4, 16, 16, 4, seed=1, sampler="lcm", progress=False)
+        assert len(draws) == 1  # the starting noise, none between the steps
+        pipe.distilled = {**pipe.distilled, "phases": 0}
+        assert not torch.equal(phased, pipe("a red circle", 4, 16, 16, 4, seed=1, sampler="lcm", progress=False))
+        assert len(draws) == 5  # LCM: the starting noise and 3 between its 4 steps
+    finally:
+        torch.randn = randn
+
+
+def test_a_solved_phase_is_the_teachers_ddim_steps_to_its_end_and_the_students_whole_target(tiny_checkpoint, teacher):
+    d = distiller(tiny_checkpoint, teacher, phases=4, solve_phases=True)  # skip 20: ends 759, 499, 259, clean
+    assert d.target is None  # no target network: the teacher's own end is the target
+    x, context = inputs(d.pipe, 3)
+    t, w = torch.tensor([799, 519, 19]), torch.tensor([7.5, 3.0, 7.5])
+    end = distill.lcm.phase_ends(t, 4, 20)
+    ours = d.teacher_to_end(x, t, w, context, end)
+    for i, steps in enumerate((2, 1, 1)):  # 799 -> 779 -> 759; 519 -> 499; 19 -> the clean end
+        expected, now = x[i:i + 1], t[i:i + 1]
+        for _ in range(steps):
+            expected = d.teacher_step(expected, now, w[i:i + 1], context[i:i + 1])
+            now = now - 20
+        assert rel_err(ours[i:i + 1], expected) < 1e-5, i
+    assert ours[2].sub(x[2]).abs().max() > 0.01  # the clean end reached, the input left as it was
+    g = [0, 1, 2]
+    calls = []
+    target = d.teacher_to_end
+    d.teacher_to_end = lambda *a: calls.append(a) or target(*a)
+    loss = d.consistency_loss(d.pipe.unet, torch.randn(3, 4, 4, 8, 8), context, g, 0)
+    loss.backward()
+    assert len(calls) == 1 and loss.item() > 0

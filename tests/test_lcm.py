@@ -4,6 +4,7 @@ steps, on an analytic model function, as tests/test_dpm_solver.py does for DPM-S
 import pytest
 import torch
 
+import ddim
 import lcm
 from conftest import rel_err
 from test_dpm_solver import DIFFUSERS_PREDICTION, SHAPES, recording_model
@@ -90,3 +91,43 @@ def test_bad_step_counts_raise(n):
         lcm.sample(torch.zeros(SHAPES["image"]), recording_model([]), n)
     with pytest.raises(ValueError, match="skip"):
         lcm.grid(0)
+
+
+@pytest.mark.parametrize("skip, phases", [(50, 4), (20, 4), (20, 1), (100, 3)])
+def test_each_timestep_of_the_grid_ends_its_phase_at_the_next_sampling_timestep_below_it(skip, phases):
+    grid, stops = lcm.grid(skip), lcm.timesteps(phases, skip).tolist()
+    ends = lcm.phase_ends(grid, phases, skip)
+    for t, end in zip(grid.tolist(), ends.tolist()):
+        assert end == max([s for s in stops[1:] + [-1] if s < t])
+        assert t - skip >= end  # a step of the grid never passes its phase's end
+    if (skip, phases) == (50, 4):
+        assert lcm.phase_ends(torch.tensor([999, 750, 749, 500, 249, 49, 0]), 4, 50).tolist() == [
+            749, 749, 499, 499, -1, -1, -1]
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_phased_consistency_is_the_ddim_step_to_the_phase_end_and_the_identity_at_the_end(prediction):
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(4, 4, 3, 6, 6, generator=g), torch.randn(4, 4, 3, 6, 6, generator=g)
+    t, end = torch.tensor([999, 600, 249, -1]), torch.tensor([749, 499, -1, -1])
+    f = lcm.phased_consistency(x, out, t, end, prediction)
+    for i in range(3):
+        expected = ddim.step(x[i:i + 1], out[i:i + 1], int(t[i]), int(end[i]), prediction=prediction)
+        assert rel_err(f[i:i + 1], expected) < 1e-6
+    assert torch.equal(f[3], x[3])  # at its end f is x itself
+    assert torch.equal(lcm.phased_consistency(x, out, end, end, prediction)[:2], x[:2])
+
+
+@pytest.mark.parametrize("n", [1, 4, 8])
+def test_phased_sampling_is_deterministic_ddim_between_the_timesteps_with_no_noise_drawn(n):
+    x_T = torch.randn(SHAPES["video"], generator=torch.Generator().manual_seed(0))
+    calls, generator = [], torch.Generator().manual_seed(3)
+    ours = lcm.sample(x_T, recording_model(calls), n, generator, 50, phased=True)
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(3).get_state())
+    ts = lcm.timesteps(n, 50).tolist()
+    x, model = x_T, recording_model([])
+    for i, t in enumerate(ts):
+        x = ddim.step(x, model(x, t), t, ts[i + 1] if i + 1 < n else -1)
+    assert calls == ts and torch.equal(ours, x)
+    if n == 4:  # as many steps as phases: each step is f from a phase's start to its end
+        assert lcm.phase_ends(torch.tensor(ts), 4, 50).tolist() == ts[1:] + [-1]
