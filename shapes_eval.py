@@ -41,8 +41,9 @@ ROWS = [
     ("without spatial adapters", os.path.join(simda.MODELS_DIR, "ablation", "no-spatial-adapters.safetensors")),
 ]
 COLUMNS = [("motion_correct", "motion direction", "%"), ("colour_correct", "colour", "%"), ("shape_correct", "shape", "%"),
-           ("present_fraction", "object present (frames)", "%"), ("area_variation", "area variation", 3),
-           ("smoothness", "smoothness (0 = steady)", 3), ("stray_fraction", "stray blob (frames)", "%"), ("seconds", "s / video", 3)]
+           ("shape_by_fill", "shape (box fill)", "%"), ("present_fraction", "object present (frames)", "%"), ("area_variation",
+           "area variation", 3), ("smoothness", "smoothness (0 = steady)", 3), ("stray_fraction", "stray blob (frames)", "%"),
+           ("seconds", "s / video", 3)]
 
 
 SR_ROWS = [
@@ -91,6 +92,7 @@ def evaluate_row(pipe, jobs, frames, height, width, sampling, guidance, batch_si
             for prompt, video in zip(prompts, videos):
                 scores.append({**shapes.score(video, prompt), "seconds": seconds})
                 if save_dir:
+                    os.makedirs(save_dir, exist_ok=True)
                     save_video(video, os.path.join(save_dir, f"{len(scores) - 1:03d}-{prompt.replace(' ', '-')}.gif"))
         progress.show(len(scores))
     return scores
@@ -321,8 +323,6 @@ def main_shapes(argv):
                   f"steps, guidance {'distilled' if sampling[0] == 'lcm' else args.guidance}", file=sys.stderr, flush=True)
             pipe = simda.load_pipeline(args.ckpt, dtype=pick_dtype(args.dtype, torch.device("cpu")), adapters=path)
             save_dir = os.path.join(args.save_videos, name.replace(" ", "-").replace(",", "")) if args.save_videos else None
-            if save_dir:
-                os.makedirs(save_dir, exist_ok=True)
             scores = evaluate_row(pipe, jobs, frames, height, width, sampling, args.guidance, args.batch_size, save_dir)
             results[name], everything[name] = shapes.summarise(scores), scores
             show_row({name: scores}, name, COLUMNS)
