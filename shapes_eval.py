@@ -61,8 +61,7 @@ I2V_SEED = 2000  # evaluate.py i2v's drawn videos, seeds I2V_SEED, I2V_SEED + 1,
 I2V_ROWS = [
     ("SimDA, shipped (given frames, 3500 steps)", simda.DEMO_ADAPTERS),
     ("given frames, the first 1500 steps", os.path.join(simda.MODELS_DIR, "ablation", "simda-given-1500-steps.safetensors")),
-    ("text-to-video adapters, replacement only",
-     os.path.join(simda.MODELS_DIR, "ablation", "simda-no-given-frames.safetensors")),
+    ("text-to-video adapters, replacement only", os.path.join(simda.MODELS_DIR, "ablation", "simda-no-given-frames.safetensors")),
 ]
 I2V_COLUMNS = [("motion_correct", "direction", "%"), ("kept", "colour and shape (frames)", "%"),
                ("continuity", "frame 0 -> 1 within 3 px", "%"), ("jump", "frame 0 -> 1 (px)", 2),
@@ -81,6 +80,8 @@ def prompts_and_seeds(seeds):
 def evaluate_row(pipe, jobs, frames, height, width, sampling, guidance, batch_size, save_dir=None):
     """Sample (`sampling`: (sampler, steps)) and score every (prompt, seed) job: score dicts, with each video's seconds."""
     scores = []
+    if save_dir:
+        os.makedirs(save_dir, exist_ok=True)
     progress = Progress("videos", len(jobs))
     for i in range(0, len(jobs), batch_size):
         batch = jobs[i:i + batch_size]
@@ -92,7 +93,6 @@ def evaluate_row(pipe, jobs, frames, height, width, sampling, guidance, batch_si
             for prompt, video in zip(prompts, videos):
                 scores.append({**shapes.score(video, prompt), "seconds": seconds})
                 if save_dir:
-                    os.makedirs(save_dir, exist_ok=True)
                     save_video(video, os.path.join(save_dir, f"{len(scores) - 1:03d}-{prompt.replace(' ', '-')}.gif"))
         progress.show(len(scores))
     return scores
